@@ -1,0 +1,39 @@
+# cxr-triage: `make demo` runs the shipped model on the bundled samples; `make test` runs lint + tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.14.1 torchvision==0.29.1
+HEATMAPS ?= demo-heatmaps
+
+.PHONY: demo test lint venv-base venv-full clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# base install: everything `predict` needs (onnxruntime, no torch)
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# full install: training, service and dev tools
+$(VENV)/.full: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[train,serve,dev]'
+	touch $@ $(VENV)/.base
+
+venv-base: $(VENV)/.base
+venv-full: $(VENV)/.full
+
+demo: $(VENV)/.base
+	$(BIN)/cxr-triage predict src/cxr_triage/assets/samples --heatmaps $(HEATMAPS)
+	@echo "Heatmap overlays written to $(HEATMAPS)/"
+
+lint: $(VENV)/.full
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(HEATMAPS) .pytest_cache

@@ -1,0 +1,124 @@
+"""Decode a manifest once into a cached uint8 array; datasets and augmentation read only that cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from cxr_triage.classes import CLASS_IDS
+from cxr_triage.preprocess import PreprocessSpec, normalise, prepare
+
+log = logging.getLogger(__name__)
+
+
+def _prepare_path(path: str, spec: PreprocessSpec) -> np.ndarray:
+    return prepare(path, spec)
+
+
+def cache_key(df: pd.DataFrame, spec: PreprocessSpec) -> str:
+    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    for p, s in zip(df["abspath"], df.get("sha256", df["abspath"]), strict=True):
+        h.update(f"{p}\0{s}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cache(df: pd.DataFrame, spec: PreprocessSpec, cache_dir: Path, workers: int | None = None,
+                progress: Callable[[Iterable, int], Iterable] | None = None) -> np.ndarray:
+    """uint8 array (N, size, size) of ``prepare(path, spec)`` for every manifest row, cached on disk."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"images-{cache_key(df, spec)}-{spec.size}.npy"
+    if target.exists():
+        arr = np.load(target, mmap_mode="r")
+        if arr.shape == (len(df), spec.size, spec.size):
+            return arr
+        log.warning("cache %s has the wrong shape; rebuilding", target)
+    out = np.empty((len(df), spec.size, spec.size), np.uint8)
+    with ProcessPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        it: Iterable = pool.map(partial(_prepare_path, spec=spec), list(df["abspath"]), chunksize=64)
+        if progress is not None:
+            it = progress(it, len(df))
+        for i, img in enumerate(it):
+            out[i] = img
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, out)
+    os.replace(tmp, target)
+    return out
+
+
+class RandomDownscale(torch.nn.Module):
+    """Down-sample by a random factor and back up: mimics an image rebuilt from a smaller copy."""
+
+    def __init__(self, factor: tuple[float, float]) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        f = float(torch.empty(1).uniform_(*self.factor))
+        small = v2.functional.resize(img, [max(8, int(h * f)), max(8, int(w * f))], antialias=True)
+        return v2.functional.resize(small, [h, w], antialias=False)
+
+
+class RandomGamma(torch.nn.Module):
+    def __init__(self, gamma: tuple[float, float]) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return v2.functional.adjust_gamma(img, float(torch.empty(1).uniform_(*self.gamma)))
+
+
+def build_augment(aug: dict[str, Any], size: int) -> v2.Compose:
+    """Training augmentation on uint8 (1, H, W) tensors; the output stays uint8 for ``normalise``."""
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=(0.85, 1.18), antialias=True),
+        v2.RandomHorizontalFlip(aug.get("hflip_p", 0.0)),
+        v2.RandomAffine(degrees=aug["rotate"], translate=(aug["translate"], aug["translate"])),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=aug["blur_p"]),
+        v2.RandomApply([RandomDownscale(tuple(aug["downscale_range"]))], p=aug["downscale_p"]),
+        v2.RandomApply([v2.JPEG(tuple(aug["jpeg_quality"]))], p=aug["jpeg_p"]),
+        v2.ColorJitter(brightness=aug["brightness"], contrast=aug["contrast"]),
+        RandomGamma(tuple(aug["gamma"])),
+    ])
+
+
+class CachedImages(Dataset):
+    """Rows of a cached uint8 array -> (normalised float tensor (1, H, W), class index)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.images, self.labels, self.spec, self.augment = images, labels, spec, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = np.asarray(self.images[i])
+        if self.augment is not None:
+            img = self.augment(torch.from_numpy(img.copy())[None]).numpy()[0]
+        return torch.from_numpy(normalise(img, self.spec)), int(self.labels[i])
+
+
+def label_indices(df: pd.DataFrame) -> np.ndarray:
+    return df["label"].map({c: i for i, c in enumerate(CLASS_IDS)}).to_numpy(np.int64)
+
+
+def sample_weights(labels: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-sample weights so that class c is drawn with probability ~ count_c^(1-alpha)."""
+    counts = np.bincount(labels, minlength=len(CLASS_IDS)).astype(np.float64)
+    per_class = np.where(counts > 0, np.maximum(counts, 1) ** -alpha, 0.0)
+    return per_class[labels]

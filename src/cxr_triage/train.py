@@ -1,0 +1,228 @@
+"""Training: timm backbone + Lightning loop (early stopping, best checkpoint, LR schedule and monitor, CSV logs).
+
+``train(cfg)`` is callable from tests; ``cxr-triage train`` is a thin shell over it. A run writes
+``<out_dir>/<name>/``: config.yaml, checkpoints/ (best + last, resumable), history.csv, curves.png, best.pt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torchmetrics
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from cxr_triage.classes import CLASS_IDS, NUM_CLASSES
+from cxr_triage.data import CachedImages, build_augment, build_cache, label_indices, sample_weights
+from cxr_triage.manifest import load_manifest
+from cxr_triage.model import create_model, save_checkpoint
+from cxr_triage.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+class Classifier(L.LightningModule):
+    """Training logic around the plain nn.Module (kept apart so export and evaluation need no Lightning)."""
+
+    def __init__(self, config: dict[str, Any], class_counts: list[int] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = config
+        m = config["model"]
+        self.model = create_model(m["arch"], m.get("pretrained", False), m.get("pretrained_file"),
+                                  m.get("drop_rate", 0.0)).to(memory_format=torch.channels_last)
+        self.loss = torch.nn.CrossEntropyLoss(label_smoothing=config["optim"]["label_smoothing"])
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_f1 = torchmetrics.classification.MulticlassF1Score(NUM_CLASSES, average="none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        logits = self(x).float()
+        self.log("val/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.val_acc.update(logits, y)
+        self.val_f1.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        f1 = self.val_f1.compute()
+        self.log("val/acc", self.val_acc.compute(), prog_bar=True)
+        self.log("val/macro_f1", f1.mean(), prog_bar=True)
+        for cid, v in zip(CLASS_IDS, f1, strict=True):
+            self.log(f"val/f1_{cid}", v)
+        self.val_acc.reset()
+        self.val_f1.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg["optim"]
+        opt = torch.optim.AdamW(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = min(total - 1, int(total * o["warmup_epochs"] / max(1, self.trainer.max_epochs)))
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            t = (step - warm) / max(1, total - warm)
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class History(Callback):
+    """One row per epoch in history.csv (+ curves.png); survives resume without gaps or repeats."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "history.csv"
+        self.t0 = time.time()
+        self.seen = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0, self.seen = time.time(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.seen += len(batch[1])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+        elapsed = time.time() - self.t0
+        row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "train_loss": m.get("train/loss_epoch"), "val_loss": m.get("val/loss"), "val_acc": m.get("val/acc"),
+               "val_macro_f1": m.get("val/macro_f1"), **{f"val_f1_{c}": m.get(f"val/f1_{c}") for c in CLASS_IDS},
+               "epoch_s": round(elapsed, 1), "train_img_per_s": round(self.seen / max(elapsed, 1e-6), 1)}
+        old = pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
+        if len(old):
+            old = old[old["epoch"] < row["epoch"]]
+        hist = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+        tmp = self.path.with_name("history.csv.tmp")
+        hist.to_csv(tmp, index=False)
+        os.replace(tmp, self.path)
+        plot_history(hist, self.path.with_name("curves.png"))
+
+
+def plot_history(hist: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(hist["epoch"], hist["train_loss"], "o-", label="train")
+    axes[0].plot(hist["epoch"], hist["val_loss"], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(hist["epoch"], hist["val_acc"], "o-", label="val accuracy")
+    axes[1].plot(hist["epoch"], hist["val_macro_f1"], "o-", label="val macro-F1")
+    for c in CLASS_IDS:
+        axes[1].plot(hist["epoch"], hist[f"val_f1_{c}"], "--", alpha=0.6, label=f"F1 {c}")
+    axes[1].set_title("validation")
+    axes[2].plot(hist["epoch"], hist["lr"], "o-")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
+    """Train/val loaders over the decoded cache, with the class-balancing sampler."""
+    from rich.progress import track
+
+    d = cfg["data"]
+    df = load_manifest(Path(d["manifest"]))
+    images = build_cache(df, spec, Path(d["cache_dir"]),
+                         progress=lambda it, n: track(it, total=n, description="decoding images once"))
+    labels = label_indices(df)
+    tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
+    if len(tr) == 0 or len(va) == 0:
+        raise ValueError("the manifest needs both 'train' and 'val' rows; re-run ingest with --val > 0")
+    train_ds = CachedImages(images[tr], labels[tr], spec, build_augment(cfg["augment"], spec.size))
+    val_ds = CachedImages(images[va], labels[va], spec)
+    n = int(d.get("epoch_samples") or 0) or len(tr)
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
+    sampler = WeightedRandomSampler(sample_weights(labels[tr], d["balance_alpha"]).tolist(), n, generator=gen)
+    nw = int(d["num_workers"])
+    common = {"batch_size": d["batch_size"], "num_workers": nw, "persistent_workers": nw > 0}
+    train_dl = DataLoader(train_ds, sampler=sampler, drop_last=True, **common)
+    val_dl = DataLoader(val_ds, shuffle=False, **common)
+    counts = {s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in CLASS_IDS}
+              for s in ("train", "val", "test")}
+    return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
+
+
+def train(cfg: dict[str, Any], resume: bool = False) -> Path:
+    """Run training; returns the run directory (holding best.pt)."""
+    L.seed_everything(int(cfg["seed"]), workers=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    run_dir = Path(cfg["out_dir"]) / cfg["name"]
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if not resume and last.exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    spec = PreprocessSpec.from_dict(cfg["preprocess"])
+    train_dl, val_dl, summary = build_loaders(cfg, spec)
+    t = cfg["trainer"]
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/macro_f1", mode="max",
+                           save_last=True, save_top_k=1)
+    trainer = L.Trainer(
+        max_epochs=t["max_epochs"], precision=resolve_precision(t["precision"]), accelerator=t["accelerator"],
+        devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
+        limit_train_batches=t["limit_train_batches"], limit_val_batches=t["limit_val_batches"],
+        log_every_n_steps=t["log_every_n_steps"], enable_progress_bar=t["progress_bar"],
+        default_root_dir=run_dir, logger=CSVLogger(run_dir, name="logs"),  # a new version_N per (re)start: nothing overwritten
+        callbacks=[best, EarlyStopping("val/macro_f1", mode="max", patience=t["patience"]),
+                   LearningRateMonitor("step"), History(run_dir)],
+    )
+    module = Classifier(cfg)
+    t0 = time.time()
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
+    if trainer.global_rank == 0:
+        from cxr_triage.model import load_checkpoint
+
+        model, _, _ = load_checkpoint(Path(best.best_model_path or last))
+        save_checkpoint(run_dir / "best.pt", model, cfg, spec,
+                        {**summary, "best_val_macro_f1": float(best.best_model_score or float("nan")),
+                         "best_checkpoint": Path(best.best_model_path).name, "fit_seconds": round(time.time() - t0)})
+        log.info("best checkpoint: %s (val macro-F1 %.4f)", best.best_model_path, best.best_model_score or 0)
+    return run_dir
