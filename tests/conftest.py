@@ -29,8 +29,11 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "normal": ("Normal/images", "Normal"),
     "viral_pneumonia": ("viral pneumonia", "Viral Pneumonia"),  # variant spelling, no images/ level
 }
-ORIGINS = {"covid": ("mixed-public-covid", "299"), "viral_pneumonia": ("kermany-paediatric", "256"),
-           "normal": ("rsna-adult", "224")}
+ORIGINS = {
+    "covid": ("mixed-public-covid", "299"),
+    "viral_pneumonia": ("kermany-paediatric", "256"),
+    "normal": ("rsna-adult", "224"),
+}
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,18 @@ def make_dataset(root: Path, n_per_class: int = 10, seed: int = 0) -> SyntheticD
     near_src = "viral pneumonia/Viral Pneumonia-2.jpg"
     src = pictures[near_src].astype(np.int16)
     noisy = np.clip(src + rng.integers(-2, 3, src.shape), 0, 255)
-    near = (near_src, add(f"viral pneumonia/Viral Pneumonia-{n + 1}.jpg",
-                          _encode(noisy.astype(np.uint8), "JPEG"), "viral_pneumonia"))
+    near = (
+        near_src,
+        add(
+            f"viral pneumonia/Viral Pneumonia-{n + 1}.jpg",
+            _encode(noisy.astype(np.uint8), "JPEG"),
+            "viral_pneumonia",
+        ),
+    )
     unreadable = {
-        add(f"Lung_Opacity/images/Lung_Opacity-{n + 1}.png", rng.integers(0, 256, 600, np.uint8).tobytes()):
-            "not a recognised image",
+        add(
+            f"Lung_Opacity/images/Lung_Opacity-{n + 1}.png", rng.integers(0, 256, 600, np.uint8).tobytes()
+        ): "not a recognised image",
         add(f"Normal/images/Normal-{n + 1}.jpg", b""): "empty",
     }
     ignored = (
@@ -155,8 +165,16 @@ def make_dataset(root: Path, n_per_class: int = 10, seed: int = 0) -> SyntheticD
     lines += [f"{rel},{files[rel]},{origins[rel]},{copy_px[rel]}" for rel in sorted(origins)]
     lines.append("COVID/images/COVID-999.png,covid,mixed-public-covid,299")  # a listed file that is absent
     (root / "sources.csv").write_text("\n".join(lines) + "\n")
-    return SyntheticDataset(root=root, files=files, exact_duplicates=exact, near_duplicates=near,
-                            unreadable=unreadable, ignored=ignored, origins=origins, copy_px=copy_px)
+    return SyntheticDataset(
+        root=root,
+        files=files,
+        exact_duplicates=exact,
+        near_duplicates=near,
+        unreadable=unreadable,
+        ignored=ignored,
+        origins=origins,
+        copy_px=copy_px,
+    )
 
 
 @pytest.fixture(name="make_dataset")
@@ -187,8 +205,14 @@ def shared_dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_OVERRIDES = [
-    "preprocess.size=64", "data.batch_size=8", "data.num_workers=0", "data.epoch_samples=64",
-    "trainer.max_epochs=2", "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.patience=5",
+    "preprocess.size=64",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.epoch_samples=64",
+    "trainer.max_epochs=2",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.patience=5",
     "model.drop_rate=0.0",
 ]
 
@@ -197,10 +221,17 @@ def smoke_config(work: Path, manifest: Path, name: str = "smoke", extra: list[st
     """The default config shrunk to a seconds-long CPU run writing under ``work``."""
     from cxr_triage.config import load_config
 
-    return load_config(REPO / "configs" / "default.yaml", [
-        *SMOKE_OVERRIDES, f"out_dir={work}", f"name={name}", f"data.manifest={manifest}",
-        f"data.cache_dir={work / 'cache'}", *(extra or []),
-    ])
+    return load_config(
+        REPO / "configs" / "default.yaml",
+        [
+            *SMOKE_OVERRIDES,
+            f"out_dir={work}",
+            f"name={name}",
+            f"data.manifest={manifest}",
+            f"data.cache_dir={work / 'cache'}",
+            *(extra or []),
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +239,9 @@ def smoke_manifest(shared_dataset: SyntheticDataset, tmp_path_factory: pytest.Te
     from cxr_triage.manifest import ingest, write_outputs
 
     out = tmp_path_factory.mktemp("smoke_data")
-    write_outputs(ingest(shared_dataset.root, val=0.25, test=0.25, seed=0, workers=1), shared_dataset.root, out, {})
+    write_outputs(
+        ingest(shared_dataset.root, val=0.25, test=0.25, seed=0, workers=1), shared_dataset.root, out, {}
+    )
     return out / "manifest.csv"
 
 

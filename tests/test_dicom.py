@@ -25,9 +25,14 @@ PHI_STRINGS = ["Doe", "Jane", "PID-0047113", "19510317"]
 SPEC = PreprocessSpec(size=64)
 
 
-def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1,
-                pixel_data: bool = True, sop_class: str = DigitalXRayImageStorageForPresentation,
-                **extra) -> bytes:
+def dicom_bytes(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    frames: int = 1,
+    pixel_data: bool = True,
+    sop_class: str = DigitalXRayImageStorageForPresentation,
+    **extra,
+) -> bytes:
     """A DICOM Part-10 file (Explicit VR Little Endian) holding ``pixels`` and made-up patient data."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class

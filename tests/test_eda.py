@@ -19,8 +19,12 @@ from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
 from cxr_triage.eda import run_eda
 from cxr_triage.manifest import ingest, write_outputs
 
-FOLDERS = {"covid": "COVID", "lung_opacity": "Lung_Opacity", "normal": "Normal",
-           "viral_pneumonia": "Viral Pneumonia"}
+FOLDERS = {
+    "covid": "COVID",
+    "lung_opacity": "Lung_Opacity",
+    "normal": "Normal",
+    "viral_pneumonia": "Viral Pneumonia",
+}
 # class -> (images, (height, width), suffix, origin, copy_px)
 FULL = {
     "covid": (6, (96, 96), ".png", "mixed-public-covid", "256"),
@@ -35,8 +39,12 @@ def _pattern(rng: np.random.Generator, cls: int, shape: tuple[int, int]) -> np.n
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     freq, phase = rng.uniform(6, 14), rng.uniform(0, 2 * np.pi)
-    texture = [np.sin(freq * xx * 6 + phase), np.sign(np.sin(freq * xx * 3) * np.sin(freq * yy * 3)),
-               np.cos(freq * np.hypot(xx - 0.5, yy - 0.5) * 8 + phase), xx + yy - 1][cls]
+    texture = [
+        np.sin(freq * xx * 6 + phase),
+        np.sign(np.sin(freq * xx * 3) * np.sin(freq * yy * 3)),
+        np.cos(freq * np.hypot(xx - 0.5, yy - 0.5) * 8 + phase),
+        xx + yy - 1,
+    ][cls]
     coarse = Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8))
     smooth = np.asarray(coarse.resize((w, h), Image.Resampling.BILINEAR), dtype=float)
     return np.clip(0.6 * smooth + 50 * texture + 40, 0, 255).astype(np.uint8)
@@ -75,8 +83,13 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = make_dataset(base / "data", FULL, sources=True, duplicate=True)
     manifest = _ingest(root, base / "manifest")
     report = run_eda(base / "manifest" / "manifest.csv", base / "eda")
-    return {"manifest": manifest, "report": report, "out": base / "eda", "html": report.read_text("utf-8"),
-            "summary": json.loads((base / "eda" / "summary.json").read_text())}
+    return {
+        "manifest": manifest,
+        "report": report,
+        "out": base / "eda",
+        "html": report.read_text("utf-8"),
+        "summary": json.loads((base / "eda" / "summary.json").read_text()),
+    }
 
 
 @pytest.fixture
@@ -168,8 +181,9 @@ def test_tiny_manifest_without_origins_or_duplicates(tiny: tuple[Path, pd.DataFr
     assert counts.loc["lung_opacity"].tolist() == [0, 0, 0, 0] and counts["total"].sum() == 10
 
 
-def test_missing_image_is_skipped_with_warning(tiny: tuple[Path, pd.DataFrame], tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_image_is_skipped_with_warning(
+    tiny: tuple[Path, pd.DataFrame], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     manifest_csv, m = tiny
     gone = tmp_path / "data" / m["path"].iloc[0]
     gone.unlink()

@@ -179,8 +179,9 @@ def test_all_files_unreadable(tmp_path):
 
 @pytest.mark.parametrize(("val", "test"), [(-0.1, 0.1), (0.1, -0.1), (0.5, 0.5), (0.7, 0.6)])
 def test_invalid_fractions(val, test):
-    df = pd.DataFrame({"path": ["a", "b"], "label": ["covid", "normal"], "origin": ["x", "x"],
-                       "group": [0, 1]})
+    df = pd.DataFrame(
+        {"path": ["a", "b"], "label": ["covid", "normal"], "origin": ["x", "x"], "group": [0, 1]}
+    )
     with pytest.raises(ValueError, match="val \\+ test < 1") as info:
         assign_splits(df, val, test, seed=0)
     assert not isinstance(info.value, DatasetError)
@@ -193,8 +194,9 @@ def test_ingest_rejects_invalid_fractions(shared_dataset):
 
 
 def test_zero_fractions_put_everything_in_train():
-    df = pd.DataFrame({"path": list("abcd"), "label": ["covid"] * 4, "origin": ["x"] * 4,
-                       "group": [0, 1, 1, 2]})
+    df = pd.DataFrame(
+        {"path": list("abcd"), "label": ["covid"] * 4, "origin": ["x"] * 4, "group": [0, 1, 1, 2]}
+    )
     assert list(assign_splits(df, 0.0, 0.0, seed=0)) == ["train"] * 4
 
 
@@ -226,8 +228,9 @@ def test_write_and_load_manifest(ingested, shared_dataset, tmp_path):
 
 
 def test_load_manifest_without_json_resolves_beside_csv(tmp_path):
-    pd.DataFrame({"path": ["COVID/a.png", "/abs/b.png"], "label": ["covid", "normal"],
-                  "split": ["train", "test"]}).to_csv(tmp_path / "manifest.csv", index=False)
+    pd.DataFrame(
+        {"path": ["COVID/a.png", "/abs/b.png"], "label": ["covid", "normal"], "split": ["train", "test"]}
+    ).to_csv(tmp_path / "manifest.csv", index=False)
     df = load_manifest(tmp_path / "manifest.csv")
     assert list(df["abspath"]) == [str(tmp_path / "COVID/a.png"), "/abs/b.png"]
 

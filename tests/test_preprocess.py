@@ -236,8 +236,13 @@ def test_all_input_kinds_agree(tmp_path, grey):
     ref = preprocess(path, spec)
     with Image.open(path) as im:
         from_pil = preprocess(im, spec)
-    for other in (preprocess(str(path), spec), preprocess(path.read_bytes(), spec),
-                  preprocess(bytearray(path.read_bytes()), spec), preprocess(grey, spec), from_pil):
+    for other in (
+        preprocess(str(path), spec),
+        preprocess(path.read_bytes(), spec),
+        preprocess(bytearray(path.read_bytes()), spec),
+        preprocess(grey, spec),
+        from_pil,
+    ):
         assert np.array_equal(ref, other)
 
 
@@ -332,6 +337,7 @@ def test_too_many_pixels(monkeypatch, grey):
 
 def test_too_many_pixels_is_refused_before_decoding():
     """A header claiming 9000x8000 pixels (over the limit) with no pixel data behind it: refused by size."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 

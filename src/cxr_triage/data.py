@@ -35,8 +35,13 @@ def cache_key(df: pd.DataFrame, spec: PreprocessSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def build_cache(df: pd.DataFrame, spec: PreprocessSpec, cache_dir: Path, workers: int | None = None,
-                progress: Callable[[Iterable, int], Iterable] | None = None) -> np.ndarray:
+def build_cache(
+    df: pd.DataFrame,
+    spec: PreprocessSpec,
+    cache_dir: Path,
+    workers: int | None = None,
+    progress: Callable[[Iterable, int], Iterable] | None = None,
+) -> np.ndarray:
     """uint8 array (N, size, size) of ``prepare(path, spec)`` for every manifest row, cached on disk."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -84,23 +89,30 @@ class RandomGamma(torch.nn.Module):
 
 def build_augment(aug: dict[str, Any], size: int) -> v2.Compose:
     """Training augmentation on uint8 (1, H, W) tensors; the output stays uint8 for ``normalise``."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=(0.85, 1.18), antialias=True),
-        v2.RandomHorizontalFlip(aug.get("hflip_p", 0.0)),
-        v2.RandomAffine(degrees=aug["rotate"], translate=(aug["translate"], aug["translate"])),
-        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=aug["blur_p"]),
-        v2.RandomApply([RandomDownscale(tuple(aug["downscale_range"]))], p=aug["downscale_p"]),
-        v2.RandomApply([v2.JPEG(tuple(aug["jpeg_quality"]))], p=aug["jpeg_p"]),
-        v2.ColorJitter(brightness=aug["brightness"], contrast=aug["contrast"]),
-        RandomGamma(tuple(aug["gamma"])),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=(0.85, 1.18), antialias=True),
+            v2.RandomHorizontalFlip(aug.get("hflip_p", 0.0)),
+            v2.RandomAffine(degrees=aug["rotate"], translate=(aug["translate"], aug["translate"])),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=aug["blur_p"]),
+            v2.RandomApply([RandomDownscale(tuple(aug["downscale_range"]))], p=aug["downscale_p"]),
+            v2.RandomApply([v2.JPEG(tuple(aug["jpeg_quality"]))], p=aug["jpeg_p"]),
+            v2.ColorJitter(brightness=aug["brightness"], contrast=aug["contrast"]),
+            RandomGamma(tuple(aug["gamma"])),
+        ]
+    )
 
 
 class CachedImages(Dataset):
     """Rows of a cached uint8 array -> (normalised float tensor (1, H, W), class index)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        spec: PreprocessSpec,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.images, self.labels, self.spec, self.augment = images, labels, spec, augment
 
     def __len__(self) -> int:

@@ -78,9 +78,12 @@ def duplicate_groups(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["group", "files", "classes", "splits", "exact", "names"])
     joined = ", ".join
     table = dups.groupby("group").agg(
-        files=("path", "size"), classes=("label", lambda s: joined(_names(sorted(set(s))))),
-        splits=("split", lambda s: joined(sorted(set(s)))), exact=("sha256", lambda s: s.nunique() == 1),
-        names=("path", lambda s: joined(Path(p).name for p in s)))
+        files=("path", "size"),
+        classes=("label", lambda s: joined(_names(sorted(set(s))))),
+        splits=("split", lambda s: joined(sorted(set(s)))),
+        exact=("sha256", lambda s: s.nunique() == 1),
+        names=("path", lambda s: joined(Path(p).name for p in s)),
+    )
     return table.reset_index().sort_values(["files", "group"], ascending=[False, True], kind="stable")
 
 
@@ -108,7 +111,8 @@ def summarise(df: pd.DataFrame, groups: pd.DataFrame) -> dict:
         "origins": _counts(df["origin"]),
         "copy_px": _counts(df.loc[df["copy_px"] != "", "copy_px"]),
         "duplicates": {
-            "groups": len(groups), "files": len(dup_files),
+            "groups": len(groups),
+            "files": len(dup_files),
             "exact_groups": int((df["sha256"].value_counts() > 1).sum()),
             "by_class": {c: int((dup_files["label"] == c).sum()) for c in CLASS_IDS},
             "cross_class_groups": int(groups["classes"].str.contains(",").sum()),
@@ -127,8 +131,15 @@ def plot_class_counts(df: pd.DataFrame) -> Figure:
     ax_bar.set(ylabel="images", title="Images per class")
     ax_bar.margins(y=0.12)
     nz = counts[counts > 0]
-    ax_pie.pie(nz.to_numpy(), labels=_names(nz.index), colors=[CLASS_COLORS[c] for c in nz.index],
-               autopct="%1.1f%%", startangle=90, counterclock=False, wedgeprops={"edgecolor": "white"})
+    ax_pie.pie(
+        nz.to_numpy(),
+        labels=_names(nz.index),
+        colors=[CLASS_COLORS[c] for c in nz.index],
+        autopct="%1.1f%%",
+        startangle=90,
+        counterclock=False,
+        wedgeprops={"edgecolor": "white"},
+    )
     ax_pie.set_title("Share of images per class")
     return fig
 
@@ -143,8 +154,13 @@ def _stacked_bars(ax: Axes, table: pd.DataFrame, title: str, percent: bool) -> N
         vals = data[col].to_numpy(float)
         bars = ax.barh(list(data.index), vals, left=left, label=str(col), color=f"C{i % 10}")
         text = [f"{v:.0f}%" if percent else f"{v:.0f}" for v in vals]
-        ax.bar_label(bars, labels=[t if w >= 0.07 else "" for t, w in zip(text, width[col], strict=True)],
-                     label_type="center", fontsize=8, color="white")
+        ax.bar_label(
+            bars,
+            labels=[t if w >= 0.07 else "" for t, w in zip(text, width[col], strict=True)],
+            label_type="center",
+            fontsize=8,
+            color="white",
+        )
         left += vals
     ax.invert_yaxis()
     ax.set(title=title, xlabel="% of the class" if percent else "images")
@@ -207,8 +223,15 @@ def plot_intensity(df: pd.DataFrame) -> Figure:
     ax_b.set(title="Mean intensity per image", ylabel="mean grey level (0-255)")
     bins = np.linspace(0, 255, 52)
     for c, v in zip(present, values, strict=True):
-        ax_h.hist(v, bins=bins, density=True, histtype="step", linewidth=1.6, color=CLASS_COLORS[c],
-                  label=DISPLAY_NAMES[c])
+        ax_h.hist(
+            v,
+            bins=bins,
+            density=True,
+            histtype="step",
+            linewidth=1.6,
+            color=CLASS_COLORS[c],
+            label=DISPLAY_NAMES[c],
+        )
     ax_h.set(title="Distribution of mean intensity", xlabel="mean grey level (0-255)", ylabel="density")
     ax_h.legend(fontsize=8, frameon=False)
     return fig
@@ -252,8 +275,15 @@ def sample_rows(df: pd.DataFrame, k: int = SAMPLES_PER_CLASS, seed: int = SEED) 
     for c in _present(df):
         sub = df[df["label"] == c]
         sub = sub.sample(n=min(k, len(sub)), random_state=seed)
-        rows.append((DISPLAY_NAMES[c], [(p, f"{Path(n).name}\n{s}") for p, n, s in
-                                        zip(sub["abspath"], sub["path"], sub["split"], strict=True)]))
+        rows.append(
+            (
+                DISPLAY_NAMES[c],
+                [
+                    (p, f"{Path(n).name}\n{s}")
+                    for p, n, s in zip(sub["abspath"], sub["path"], sub["split"], strict=True)
+                ],
+            )
+        )
     return rows
 
 
@@ -264,16 +294,23 @@ def duplicate_rows(df: pd.DataFrame, groups: pd.DataFrame) -> list[ImageRow]:
     rows = []
     for g in shown.itertuples():
         members = df[df["group"] == g.group].head(SAMPLES_PER_CLASS)
-        items = [(r.abspath, f"{DISPLAY_NAMES.get(r.label, r.label)} · {r.split}\n{Path(r.path).name}")
-                 for r in members.itertuples()]
+        items = [
+            (r.abspath, f"{DISPLAY_NAMES.get(r.label, r.label)} · {r.split}\n{Path(r.path).name}")
+            for r in members.itertuples()
+        ]
         rows.append((f"group {g.group}\n{g.files} files", items))
     return rows
 
 
 def _make_figures(df: pd.DataFrame, groups: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """Draw every figure into out_dir; returns name -> PNG path."""
-    figs = {"class_counts": plot_class_counts(df), "splits": plot_splits(df), "origins": plot_origins(df),
-            "sizes": plot_sizes(df), "intensity": plot_intensity(df)}
+    figs = {
+        "class_counts": plot_class_counts(df),
+        "splits": plot_splits(df),
+        "origins": plot_origins(df),
+        "sizes": plot_sizes(df),
+        "intensity": plot_intensity(df),
+    }
     figs["samples"] = plot_image_rows(sample_rows(df), SAMPLES_PER_CLASS)
     if len(groups):
         rows = duplicate_rows(df, groups)
@@ -309,13 +346,25 @@ def _tables(df: pd.DataFrame, groups: pd.DataFrame) -> dict[str, dict]:
 
 def render_report(figures: dict[str, Path], summary: dict, **context: object) -> str:
     """Render the self-contained HTML report from the package template, with the figures embedded."""
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cxr_triage", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    images = {name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
-              for name, p in figures.items()}
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cxr_triage", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    images = {
+        name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+        for name, p in figures.items()
+    }
     return env.get_template("eda.html.j2").render(
-        summary=summary, images=images, names=DISPLAY_NAMES, dup_listed=DUP_GROUPS_LISTED,
-        dup_shown=min(DUP_GROUPS_SHOWN, summary["duplicates"]["groups"]), **context)
+        summary=summary,
+        images=images,
+        names=DISPLAY_NAMES,
+        dup_listed=DUP_GROUPS_LISTED,
+        dup_shown=min(DUP_GROUPS_SHOWN, summary["duplicates"]["groups"]),
+        **context,
+    )
 
 
 def run_eda(manifest_csv: Path, out_dir: Path) -> Path:
@@ -332,8 +381,13 @@ def run_eda(manifest_csv: Path, out_dir: Path) -> Path:
     atomic_write_text(out_dir / "counts.csv", split_table(df).to_csv(lineterminator="\n"))
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     notes = {"origin": mix_notes(df, "origin"), "copy_px": mix_notes(df, "copy_px", " px")}
-    html = render_report(figures, summary, tables=_tables(df, groups), notes=notes,
-                         title=f"Dataset report: {manifest_csv.name}")
+    html = render_report(
+        figures,
+        summary,
+        tables=_tables(df, groups),
+        notes=notes,
+        title=f"Dataset report: {manifest_csv.name}",
+    )
     report = out_dir / "report.html"
     atomic_write_text(report, html)
     log.info("EDA of %d images written to %s in %.1f s", len(df), report, time.perf_counter() - start)

@@ -26,8 +26,19 @@ from cxr_triage.preprocess import IMAGE_SUFFIXES, ImageReadError, load_grey
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "label", "sha256", "phash", "group", "origin", "copy_px", "width", "height",
-                    "mean", "split"]
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "sha256",
+    "phash",
+    "group",
+    "origin",
+    "copy_px",
+    "width",
+    "height",
+    "mean",
+    "split",
+]
 THUMB = 16
 
 
@@ -108,10 +119,16 @@ def read_origins(root: Path) -> pd.DataFrame:
             continue
         meta.columns = [c.strip().upper() for c in meta.columns]
         if {"FILE NAME", "URL"} <= set(meta.columns):
-            frames.append(pd.DataFrame({
-                "stem": meta["FILE NAME"].str.strip().str.lower(),
-                "origin": meta["URL"].map(lambda u: urlparse(str(u)).netloc or str(u).strip() or "unknown"),
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "stem": meta["FILE NAME"].str.strip().str.lower(),
+                        "origin": meta["URL"].map(
+                            lambda u: urlparse(str(u)).netloc or str(u).strip() or "unknown"
+                        ),
+                    }
+                )
+            )
     return pd.concat(frames) if frames else pd.DataFrame(columns=["path", "origin"])
 
 
@@ -132,8 +149,9 @@ def _near_pairs(phashes: list[str], thumbs: np.ndarray, max_dist: int, min_corr:
                 yield int(i), int(j)
 
 
-def group_duplicates(df: pd.DataFrame, thumbs: np.ndarray, max_dist: int = 10,
-                     min_corr: float = 0.99) -> tuple[np.ndarray, int, int]:
+def group_duplicates(
+    df: pd.DataFrame, thumbs: np.ndarray, max_dist: int = 10, min_corr: float = 0.99
+) -> tuple[np.ndarray, int, int]:
     """Union-find over identical sha256 and near-identical images. Returns group ids and group counts."""
     parent = list(range(len(df)))
 
@@ -166,8 +184,11 @@ def assign_splits(df: pd.DataFrame, val: float, test: float, seed: int) -> pd.Se
     """Stratified (label x origin) split that keeps every duplicate group on one side."""
     if val < 0 or test < 0 or val + test >= 1:
         raise ValueError(f"need 0 <= val, test and val + test < 1; got val={val}, test={test}")
-    groups = df.groupby("group").agg(label=("label", lambda s: s.mode().iloc[0]),
-                                     origin=("origin", "first"), n=("path", "size")).reset_index()
+    groups = (
+        df.groupby("group")
+        .agg(label=("label", lambda s: s.mode().iloc[0]), origin=("origin", "first"), n=("path", "size"))
+        .reset_index()
+    )
     rng = np.random.default_rng(seed)
     split_of: dict[int, str] = {}
     for _, stratum in groups.sort_values("group").groupby(["label", "origin"], sort=True):
@@ -177,13 +198,21 @@ def assign_splits(df: pd.DataFrame, val: float, test: float, seed: int) -> pd.Se
         done = 0
         for k in order:
             g = stratum.iloc[k]
-            split_of[int(g["group"])] = "test" if done < n_test else "val" if done < n_test + n_val else "train"
+            split_of[int(g["group"])] = (
+                "test" if done < n_test else "val" if done < n_test + n_val else "train"
+            )
             done += int(g["n"])
     return df["group"].map(split_of)
 
 
-def ingest(root: Path, val: float = 0.1, test: float = 0.1, seed: int = 0, workers: int | None = None,
-           progress: Callable[[Iterable, int], Iterable] | None = None) -> IngestResult:
+def ingest(
+    root: Path,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[Iterable, int], Iterable] | None = None,
+) -> IngestResult:
     """Scan, hash, group and split a dataset folder. ``progress(iterable, total)`` wraps the hashing loop."""
     root = Path(root).resolve()
     files, _ = find_images(root)
@@ -217,7 +246,9 @@ def ingest(root: Path, val: float = 0.1, test: float = 0.1, seed: int = 0, worke
     df["copy_px"] = df["copy_px"].fillna("")
     df["group"], n_groups, n_exact = group_duplicates(df, np.stack(thumbs))
     df["split"] = assign_splits(df, val, test, seed)
-    return IngestResult(df[MANIFEST_COLUMNS], pd.DataFrame(skipped, columns=["path", "reason"]), n_groups, n_exact)
+    return IngestResult(
+        df[MANIFEST_COLUMNS], pd.DataFrame(skipped, columns=["path", "reason"]), n_groups, n_exact
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -242,8 +273,10 @@ def write_outputs(result: IngestResult, root: Path, out_dir: Path, settings: dic
         "skipped": len(result.skipped),
         "duplicate_groups": result.n_dup_groups,
         "exact_duplicate_groups": result.n_exact_groups,
-        "counts": {s: {c: int(((m["split"] == s) & (m["label"] == c)).sum()) for c in CLASS_IDS}
-                   for s in ("train", "val", "test")},
+        "counts": {
+            s: {c: int(((m["split"] == s) & (m["label"] == c)).sum()) for c in CLASS_IDS}
+            for s in ("train", "val", "test")
+        },
     }
     atomic_write_text(out_dir / "manifest.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -253,8 +286,9 @@ def load_manifest(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"manifest {path} does not exist; run `cxr-triage ingest DATASET --out DIR` first")
-    df = pd.read_csv(path, dtype={"phash": str, "sha256": str, "copy_px": str, "origin": str},
-                     keep_default_na=False)
+    df = pd.read_csv(
+        path, dtype={"phash": str, "sha256": str, "copy_px": str, "origin": str}, keep_default_na=False
+    )
     missing = {"path", "label", "split"} - set(df.columns)
     if missing:
         raise DatasetError(f"{path} is not a cxr-triage manifest (missing columns {sorted(missing)})")

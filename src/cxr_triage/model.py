@@ -20,8 +20,9 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message says why."""
 
 
-def create_model(arch: str, pretrained: bool = False, pretrained_file: str | None = None,
-                 drop_rate: float = 0.0) -> nn.Module:
+def create_model(
+    arch: str, pretrained: bool = False, pretrained_file: str | None = None, drop_rate: float = 0.0
+) -> nn.Module:
     """timm model with 1 input channel and 4 outputs; checks its head is GAP + linear (needed for CAMs)."""
     kwargs: dict[str, Any] = {"in_chans": 1, "num_classes": NUM_CLASSES, "drop_rate": drop_rate}
     if pretrained_file:
@@ -33,7 +34,9 @@ def create_model(arch: str, pretrained: bool = False, pretrained_file: str | Non
             raise ValueError(f"unknown timm architecture {arch!r}; see timm.list_models()") from None
         raise
     if not isinstance(model.get_classifier(), nn.Linear):
-        raise ValueError(f"{arch} does not end in one linear layer; heatmaps need GAP + linear (e.g. resnet18)")
+        raise ValueError(
+            f"{arch} does not end in one linear layer; heatmaps need GAP + linear (e.g. resnet18)"
+        )
     return model
 
 
@@ -49,8 +52,13 @@ class FeatureExport(nn.Module):
         return self.model.forward_head(feats), feats
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: dict[str, Any], spec: PreprocessSpec,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    config: dict[str, Any],
+    spec: PreprocessSpec,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Plain state_dict + config: loadable with ``torch.load(weights_only=True)``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,14 +84,20 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], PreprocessSp
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a safe cxr-triage checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{path} is not a safe cxr-triage checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if "state_dict" in payload and "hyper_parameters" in payload:  # Lightning checkpoint
         cfg = payload["hyper_parameters"]["config"]
-        state = {k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")}
+        state = {
+            k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")
+        }
         spec = PreprocessSpec.from_dict(cfg["preprocess"])
     elif payload.get("format") == "cxr-triage-checkpoint/1":
         if list(payload.get("classes", [])) != list(CLASS_IDS):
-            raise CheckpointError(f"{path}: class list {payload.get('classes')} differs from {list(CLASS_IDS)}")
+            raise CheckpointError(
+                f"{path}: class list {payload.get('classes')} differs from {list(CLASS_IDS)}"
+            )
         cfg, state = payload["config"], payload["state_dict"]
         spec = PreprocessSpec.from_dict(payload["preprocess"])
     else:

@@ -64,8 +64,14 @@ class PreprocessSpec:
         return cls(**data)
 
 
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF", b"GIF8")
+
+
 def _is_dicom(head: bytes, name: str = "") -> bool:
-    return head[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES
+    """DICOM by content (the 'DICM' marker); a .dcm name counts only when the bytes are no known image type."""
+    if head[128:132] == b"DICM":
+        return True
+    return Path(name).suffix.lower() in DICOM_SUFFIXES and not head.startswith(_IMAGE_MAGIC)
 
 
 def _array_to_grey(arr: np.ndarray) -> np.ndarray:
@@ -79,7 +85,9 @@ def _array_to_grey(arr: np.ndarray) -> np.ndarray:
             if np.asarray(arr).max(initial=0) <= 255 and arr.min(initial=0) >= 0:
                 return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         else:
-            raise ImageReadError(f"array has {arr.shape[2]} channels; give a grey (HxW) or RGB(A) (HxWx3/4) array")
+            raise ImageReadError(
+                f"array has {arr.shape[2]} channels; give a grey (HxW) or RGB(A) (HxWx3/4) array"
+            )
     if arr.ndim != 2:
         raise ImageReadError(f"expected a 2-D image array, got shape {arr.shape}")
     if arr.dtype == np.uint8:
@@ -100,7 +108,9 @@ def _pil_to_grey(im: Image.Image) -> np.ndarray:
         raise ImageReadError(f"image has {im.n_frames} frames; give a single still image")
     w, h = im.size
     if w * h > MAX_PIXELS:
-        raise ImageReadError(f"image is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit; downscale it first")
+        raise ImageReadError(
+            f"image is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit; downscale it first"
+        )
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _array_to_grey(np.asarray(im))

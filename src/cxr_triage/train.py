@@ -56,8 +56,9 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters({"config": config})
         self.cfg = config
         m = config["model"]
-        self.model = create_model(m["arch"], m.get("pretrained", False), m.get("pretrained_file"),
-                                  m.get("drop_rate", 0.0)).to(memory_format=torch.channels_last)
+        self.model = create_model(
+            m["arch"], m.get("pretrained", False), m.get("pretrained_file"), m.get("drop_rate", 0.0)
+        ).to(memory_format=torch.channels_last)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=config["optim"]["label_smoothing"])
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_f1 = torchmetrics.classification.MulticlassF1Score(NUM_CLASSES, average="none")
@@ -122,10 +123,17 @@ class History(Callback):
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
         elapsed = time.time() - self.t0
-        row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "train_loss": m.get("train/loss_epoch"), "val_loss": m.get("val/loss"), "val_acc": m.get("val/acc"),
-               "val_macro_f1": m.get("val/macro_f1"), **{f"val_f1_{c}": m.get(f"val/f1_{c}") for c in CLASS_IDS},
-               "epoch_s": round(elapsed, 1), "train_img_per_s": round(self.seen / max(elapsed, 1e-6), 1)}
+        row = {
+            "epoch": trainer.current_epoch,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train_loss": m.get("train/loss_epoch"),
+            "val_loss": m.get("val/loss"),
+            "val_acc": m.get("val/acc"),
+            "val_macro_f1": m.get("val/macro_f1"),
+            **{f"val_f1_{c}": m.get(f"val/f1_{c}") for c in CLASS_IDS},
+            "epoch_s": round(elapsed, 1),
+            "train_img_per_s": round(self.seen / max(elapsed, 1e-6), 1),
+        }
         old = pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
         if len(old):
             old = old[old["epoch"] < row["epoch"]]
@@ -169,8 +177,12 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
 
     d = cfg["data"]
     df = load_manifest(Path(d["manifest"]))
-    images = build_cache(df, spec, Path(d["cache_dir"]),
-                         progress=lambda it, n: track(it, total=n, description="decoding images once"))
+    images = build_cache(
+        df,
+        spec,
+        Path(d["cache_dir"]),
+        progress=lambda it, n: track(it, total=n, description="decoding images once"),
+    )
     labels = label_indices(df)
     tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
     if len(tr) == 0 or len(va) == 0:
@@ -184,8 +196,10 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     common = {"batch_size": d["batch_size"], "num_workers": nw, "persistent_workers": nw > 0}
     train_dl = DataLoader(train_ds, sampler=sampler, drop_last=True, **common)
     val_dl = DataLoader(val_ds, shuffle=False, **common)
-    counts = {s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in CLASS_IDS}
-              for s in ("train", "val", "test")}
+    counts = {
+        s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in CLASS_IDS}
+        for s in ("train", "val", "test")
+    }
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
 
 
@@ -197,22 +211,41 @@ def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if not resume and last.exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
     train_dl, val_dl, summary = build_loaders(cfg, spec)
     t = cfg["trainer"]
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/macro_f1", mode="max",
-                           save_last=True, save_top_k=1)
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best-{epoch:02d}",
+        monitor="val/macro_f1",
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+    )
     trainer = L.Trainer(
-        max_epochs=t["max_epochs"], precision=resolve_precision(t["precision"]), accelerator=t["accelerator"],
-        devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
-        limit_train_batches=t["limit_train_batches"], limit_val_batches=t["limit_val_batches"],
-        log_every_n_steps=t["log_every_n_steps"], enable_progress_bar=t["progress_bar"],
-        default_root_dir=run_dir, logger=CSVLogger(run_dir, name="logs"),  # a new version_N per (re)start: nothing overwritten
-        callbacks=[best, EarlyStopping("val/macro_f1", mode="max", patience=t["patience"]),
-                   LearningRateMonitor("step"), History(run_dir)],
+        max_epochs=t["max_epochs"],
+        precision=resolve_precision(t["precision"]),
+        accelerator=t["accelerator"],
+        devices=t["devices"],
+        num_nodes=t["num_nodes"],
+        strategy=t["strategy"],
+        limit_train_batches=t["limit_train_batches"],
+        limit_val_batches=t["limit_val_batches"],
+        log_every_n_steps=t["log_every_n_steps"],
+        enable_progress_bar=t["progress_bar"],
+        default_root_dir=run_dir,
+        logger=CSVLogger(run_dir, name="logs"),  # a new version_N per (re)start: nothing overwritten
+        callbacks=[
+            best,
+            EarlyStopping("val/macro_f1", mode="max", patience=t["patience"]),
+            LearningRateMonitor("step"),
+            History(run_dir),
+        ],
     )
     module = Classifier(cfg)
     t0 = time.time()
@@ -221,8 +254,17 @@ def train(cfg: dict[str, Any], resume: bool = False) -> Path:
         from cxr_triage.model import load_checkpoint
 
         model, _, _ = load_checkpoint(Path(best.best_model_path or last))
-        save_checkpoint(run_dir / "best.pt", model, cfg, spec,
-                        {**summary, "best_val_macro_f1": float(best.best_model_score or float("nan")),
-                         "best_checkpoint": Path(best.best_model_path).name, "fit_seconds": round(time.time() - t0)})
+        save_checkpoint(
+            run_dir / "best.pt",
+            model,
+            cfg,
+            spec,
+            {
+                **summary,
+                "best_val_macro_f1": float(best.best_model_score or float("nan")),
+                "best_checkpoint": Path(best.best_model_path).name,
+                "fit_seconds": round(time.time() - t0),
+            },
+        )
         log.info("best checkpoint: %s (val macro-F1 %.4f)", best.best_model_path, best.best_model_score or 0)
     return run_dir

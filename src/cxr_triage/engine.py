@@ -1,0 +1,165 @@
+"""Model bundles and onnxruntime inference: probabilities, decision and heatmaps with numpy only (no torch).
+
+A bundle is a folder: ``model.onnx`` (outputs ``logits`` and ``features``, the last feature map),
+``extras.npz`` (classifier weights for class activation maps, out-of-distribution statistics) and
+``model.json`` (classes, preprocessing spec, calibration, thresholds, metrics, sha256 of both files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_triage.classes import CLASS_IDS
+from cxr_triage.preprocess import PreprocessSpec
+
+BUNDLE_FORMAT = "cxr-triage-bundle/1"
+DECISIONS = ("accept", "uncertain", "rejected", "error")
+
+
+class BundleError(ValueError):
+    """A model bundle is missing, altered or inconsistent; the message says what to do."""
+
+
+def default_bundle_dir() -> Path:
+    """The bundle shipped inside the package (``cxr_triage/assets/model``)."""
+    return Path(str(resources.files("cxr_triage") / "assets" / "model"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_bundle_meta(bundle_dir: Path) -> dict[str, Any]:
+    """model.json, checked: format, class list, preprocessing spec and file hashes."""
+    bundle_dir = Path(bundle_dir)
+    meta_path = bundle_dir / "model.json"
+    if not meta_path.exists():
+        raise BundleError(
+            f"{bundle_dir} is not a model bundle (no model.json); export one with `cxr-triage export`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path} is not valid JSON ({exc})") from None
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: format {meta.get('format')!r} is not {BUNDLE_FORMAT!r}")
+    if list(meta.get("classes", [])) != list(CLASS_IDS):
+        raise BundleError(f"{meta_path}: classes {meta.get('classes')} differ from {list(CLASS_IDS)}")
+    if "preprocess" not in meta:
+        raise BundleError(f"{meta_path} has no preprocessing spec; re-export the bundle")
+    PreprocessSpec.from_dict(meta["preprocess"])
+    for name, key in (("model.onnx", "onnx_sha256"), ("extras.npz", "extras_sha256")):
+        f = bundle_dir / name
+        if not f.exists():
+            raise BundleError(f"{bundle_dir} lacks {name}")
+        if sha256_file(f) != meta.get(key):
+            raise BundleError(
+                f"{f} does not match the sha256 in model.json: the bundle was altered or is incomplete"
+            )
+    return meta
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def calibrated_probs(logits: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """softmax((logits + class bias) / temperature), with the values stored in model.json."""
+    cal = meta.get("calibration", {})
+    bias = np.asarray(cal.get("logit_bias", np.zeros(len(CLASS_IDS))), np.float32)
+    return softmax((logits.astype(np.float32) + bias) / float(cal.get("temperature", 1.0)))
+
+
+def ood_scores(pooled: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndarray:
+    """Min Mahalanobis distance (shared covariance) of pooled features to the class means; large = unfamiliar."""
+    if "ood_means" not in extras:
+        return np.zeros(len(pooled), np.float32)
+    diff = pooled[:, None, :] - extras["ood_means"][None, :, :]
+    d2 = np.einsum("nkc,cd,nkd->nk", diff, extras["ood_precision"], diff)
+    return np.sqrt(np.maximum(d2.min(axis=1), 0)).astype(np.float32)
+
+
+def decide(confidence: float, ood: float, meta: dict[str, Any]) -> str:
+    """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold."""
+    gate = meta.get("ood", {})
+    if gate.get("threshold") is not None and ood > float(gate["threshold"]):
+        return "rejected"
+    if confidence < float(meta.get("abstain", {}).get("threshold", 0.0)):
+        return "uncertain"
+    return "accept"
+
+
+def class_activation_map(features: np.ndarray, class_idx: int, extras: dict[str, np.ndarray]) -> np.ndarray:
+    """CAM (= Grad-CAM for GAP + linear): ReLU(sum_k w_ck A_k), scaled to [0, 1]. features: (C, h, w)."""
+    cam = np.tensordot(extras["cam_weight"][class_idx], features, axes=1)
+    cam = np.maximum(cam, 0)
+    return (cam / cam.max()).astype(np.float32) if cam.max() > 0 else cam.astype(np.float32)
+
+
+@dataclass
+class Output:
+    """Per-batch outputs: calibrated probabilities, raw logits, OOD score and decision per image."""
+
+    probs: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+    ood: np.ndarray
+    decisions: list[str]
+
+
+class Engine:
+    """An onnxruntime session over a bundle. Thread-safe for ``run`` (onnxruntime sessions are)."""
+
+    def __init__(self, bundle_dir: str | Path | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.dir = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+        self.meta = read_bundle_meta(self.dir)
+        self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
+        with np.load(self.dir / "extras.npz", allow_pickle=False) as z:
+            self.extras = {k: z[k] for k in z.files}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+
+    @property
+    def info(self) -> dict[str, str]:
+        return {
+            "name": self.meta.get("name", "cxr-triage"),
+            "version": self.meta.get("version", ""),
+            "sha256": self.meta["onnx_sha256"],
+        }
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (logits, feature maps) for a float32 batch (N, 1, S, S)."""
+        logits, feats = self.session.run(
+            ["logits", "features"], {"input": np.ascontiguousarray(x, np.float32)}
+        )
+        return logits, feats
+
+    def run(self, x: np.ndarray) -> Output:
+        logits, feats = self.forward(x)
+        probs = calibrated_probs(logits, self.meta)
+        ood = ood_scores(feats.mean(axis=(2, 3)), self.extras)
+        decisions = [decide(float(p.max()), float(o), self.meta) for p, o in zip(probs, ood, strict=True)]
+        return Output(probs, logits, feats, ood, decisions)
+
+    def cam(self, features: np.ndarray, class_idx: int) -> np.ndarray:
+        return class_activation_map(features, class_idx, self.extras)

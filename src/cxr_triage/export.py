@@ -1,0 +1,173 @@
+"""Checkpoint -> model bundle: ONNX (logits + last feature map), extras.npz, model.json; verified and calibrated.
+
+Calibration uses only the validation split (and a sample of the training split for the OOD statistics).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_triage import __version__
+from cxr_triage.calibrate import abstain_threshold, fit_logit_bias, fit_mahalanobis, fit_temperature, macro_f1
+from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
+from cxr_triage.data import build_cache, label_indices
+from cxr_triage.engine import BUNDLE_FORMAT, Engine, calibrated_probs, ood_scores, sha256_file
+from cxr_triage.manifest import load_manifest
+from cxr_triage.model import FeatureExport, load_checkpoint
+from cxr_triage.preprocess import PreprocessSpec, normalise, preprocess
+
+log = logging.getLogger(__name__)
+PARITY_TOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not reproduce the PyTorch model."""
+
+
+def to_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
+    wrapper = FeatureExport(model).eval()
+    dummy = torch.zeros(1, 1, spec.size, spec.size)
+    torch.onnx.export(
+        wrapper,
+        (dummy,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits", "features"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+def check_parity(model: torch.nn.Module, engine: Engine, x: np.ndarray) -> float:
+    """Max |p_torch - p_onnx| over a batch of real images; raises ExportError above PARITY_TOL."""
+    with torch.no_grad():
+        p_torch = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+    p_onnx = torch.softmax(torch.from_numpy(engine.forward(x)[0]), 1).numpy()
+    diff = float(np.abs(p_torch - p_onnx).max())
+    if diff > PARITY_TOL:
+        raise ExportError(f"onnxruntime differs from torch by {diff:.2e} (> {PARITY_TOL}) in probability")
+    return diff
+
+
+def infer_cached(engine: Engine, images: np.ndarray, spec: PreprocessSpec, batch: int = 64):
+    """Raw logits and pooled features over a uint8 cache, in batches."""
+    logits, pooled = [], []
+    for i in range(0, len(images), batch):
+        lg, ft = engine.forward(normalise(np.asarray(images[i : i + batch]), spec))
+        logits.append(lg)
+        pooled.append(ft.mean(axis=(2, 3)))
+    return np.concatenate(logits), np.concatenate(pooled)
+
+
+def calibrate(
+    engine: Engine,
+    df,
+    images: np.ndarray,
+    spec: PreprocessSpec,
+    n_train: int = 3000,
+    seed: int = 0,
+    target: float = 0.99,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Temperature, class bias, abstention threshold and OOD gate from validation (+ train sample)."""
+    labels = label_indices(df)
+    va = np.flatnonzero(df["split"] == "val")
+    tr = np.flatnonzero(df["split"] == "train")
+    tr = np.sort(np.random.default_rng(seed).choice(tr, min(n_train, len(tr)), replace=False))
+    lv, fv = infer_cached(engine, images[va], spec)
+    _, ft = infer_cached(engine, images[tr], spec)
+    yv = labels[va]
+    bias = fit_logit_bias(lv, yv)
+    temperature = fit_temperature(lv + bias, yv)
+    meta_cal = {"calibration": {"temperature": temperature, "logit_bias": bias.tolist()}}
+    probs = calibrated_probs(lv, meta_cal)
+    thr, cov = abstain_threshold(probs, yv, target)
+    means, precision = fit_mahalanobis(ft, labels[tr], len(CLASS_IDS))
+    extras = {"ood_means": means, "ood_precision": precision}
+    sv = ood_scores(fv, extras)
+    ood_thr = float(np.quantile(sv, 0.995) * 1.05)
+    summary = {
+        **meta_cal,
+        "abstain": {"threshold": thr, "target_accuracy": target, "val_coverage": cov},
+        "ood": {
+            "method": "mahalanobis-pooled-features",
+            "threshold": ood_thr,
+            "val_accept_rate": float((sv <= ood_thr).mean()),
+            "fitted_on": f"{len(tr)} train images",
+        },
+        "val": {
+            "images": int(len(va)),
+            "macro_f1_raw": macro_f1(lv.argmax(1), yv, len(CLASS_IDS)),
+            "macro_f1_biased": macro_f1((lv + bias).argmax(1), yv, len(CLASS_IDS)),
+        },
+    }
+    return summary, extras
+
+
+def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> dict[str, Any]:
+    """Write a verified, calibrated bundle to ``out_dir``; returns its model.json content."""
+    model, cfg, spec = load_checkpoint(Path(ckpt))
+    manifest = Path(manifest or cfg["data"]["manifest"])
+    df = load_manifest(manifest)
+    images = build_cache(df, spec, Path(cfg["data"].get("cache_dir", Path(out_dir) / ".cache")))
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+        tmp = Path(tmp)
+        to_onnx(model, spec, tmp / "model.onnx")
+        head = model.get_classifier()
+        extras = {
+            "cam_weight": head.weight.detach().numpy().astype(np.float32),
+            "cam_bias": head.bias.detach().numpy().astype(np.float32),
+        }
+        np.savez(tmp / "extras.npz", **extras)
+        meta = _base_meta(cfg, spec, tmp, model)
+        (tmp / "model.json").write_text(json.dumps(meta))
+        engine = Engine(tmp)
+        va = np.flatnonzero(df["split"] == "val")[:32]
+        paths = list(df["abspath"].iloc[va])
+        x = np.stack([preprocess(p, spec) for p in paths])
+        meta["parity_max_prob_diff"] = check_parity(model, engine, x)
+        cal, ood = calibrate(engine, df, images, spec, seed=int(cfg.get("seed", 0)))
+        np.savez(tmp / "extras.npz", **extras, **ood)
+        meta.update(cal)
+        meta["extras_sha256"] = sha256_file(tmp / "extras.npz")
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        Engine(tmp)  # re-open: the hashes and spec must check out
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(tmp, out_dir)
+        out_dir.chmod(0o755)  # the temporary folder was private; a bundle must be readable by a service user
+    log.info("bundle written to %s (parity %.1e)", out_dir, meta["parity_max_prob_diff"])
+    return meta
+
+
+def _base_meta(
+    cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: torch.nn.Module
+) -> dict[str, Any]:
+    arch = cfg["model"]["arch"]
+    return {
+        "format": BUNDLE_FORMAT,
+        "name": f"cxr-triage-{arch}-{spec.size}",
+        "version": __version__,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "classes": list(CLASS_IDS),
+        "display_names": DISPLAY_NAMES,
+        "architecture": arch,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "preprocess": spec.to_dict(),
+        "inputs": {"input": ["batch", 1, spec.size, spec.size]},
+        "outputs": {"logits": ["batch", len(CLASS_IDS)], "features": ["batch", "C", "h", "w"]},
+        "training": {k: cfg[k] for k in ("name", "seed", "model", "optim", "trainer", "data") if k in cfg},
+        "onnx_sha256": sha256_file(folder / "model.onnx"),
+        "extras_sha256": sha256_file(folder / "extras.npz"),
+        "notice": "Research and education only; not a medical device and not a diagnosis.",
+    }

@@ -1,0 +1,187 @@
+"""Classify image files with a bundle (onnxruntime only; never imports torch): rows, advice, heatmap overlays."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cxr_triage.advice import advice
+from cxr_triage.classes import CLASS_IDS
+from cxr_triage.engine import Engine
+from cxr_triage.preprocess import IMAGE_SUFFIXES, ImageReadError, PreprocessSpec, load_grey, normalise, square
+
+log = logging.getLogger(__name__)
+CSV_COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASS_IDS], "decision", "error"]
+
+
+def collect_inputs(items: Iterable[str]) -> list[str]:
+    """Files as given, folders searched recursively for image files, globs expanded; order kept, no repeats."""
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif not p.exists() and any(ch in item for ch in "*?["):
+            out += sorted(m for m in glob.glob(item, recursive=True) if Path(m).is_file())
+        else:
+            out.append(item)  # missing files become error rows, not a crash
+    return list(dict.fromkeys(out))
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB uint8 with the jet colour map (no matplotlib on the predict path)."""
+    x = np.clip(x, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * x - np.array([3.0, 2.0, 1.0])), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay(
+    grey: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, alpha: float = 0.4, max_side: int = 512
+) -> np.ndarray:
+    """The heatmap over the original image (its aspect ratio kept): RGB uint8."""
+    h, w = grey.shape
+    scale = min(1.0, max_side / max(h, w))
+    h, w = max(1, round(h * scale)), max(1, round(w * scale))
+    base = np.asarray(Image.fromarray(grey).resize((w, h), Image.Resampling.BILINEAR), np.float32)
+    heat = np.zeros((h, w), np.float32)
+    dy, dx = round(h * spec.border), round(w * spec.border)
+    ih, iw = h - 2 * dy, w - 2 * dx
+    if spec.resize == "stretch" or ih == iw:
+        region = (dy, dx, ih, iw)
+    elif spec.resize == "crop":
+        s = min(ih, iw)
+        region = (dy + (ih - s) // 2, dx + (iw - s) // 2, s, s)
+    else:  # pad: the square covered the whole image plus bars; take the image part of the map
+        s = max(ih, iw)
+        big = np.asarray(Image.fromarray(cam).resize((s, s), Image.Resampling.BILINEAR))
+        y0, x0 = (s - ih) // 2, (s - iw) // 2
+        heat[dy : dy + ih, dx : dx + iw] = big[y0 : y0 + ih, x0 : x0 + iw]
+        region = None
+    if region is not None:
+        y, x, rh, rw = region
+        heat[y : y + rh, x : x + rw] = np.asarray(
+            Image.fromarray(cam).resize((rw, rh), Image.Resampling.BILINEAR)
+        )
+    rgb = (1 - alpha * heat[..., None]) * base[..., None] + alpha * heat[..., None] * jet(heat)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def error_row(path: str, reason: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "label": "",
+        "confidence": "",
+        **{f"p_{c}": "" for c in CLASS_IDS},
+        "decision": "error",
+        "error": reason,
+    }
+
+
+def _load(path: str, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray] | str:
+    try:
+        grey = load_grey(path)
+        return grey, square(grey, spec)
+    except ImageReadError as exc:
+        return str(exc)
+    except (OSError, MemoryError) as exc:
+        return f"{path}: cannot read ({type(exc).__name__}: {exc})"
+
+
+def predict_arrays(
+    engine: Engine,
+    greys: list[np.ndarray],
+    squares: list[np.ndarray],
+    lang: str = "en",
+    heatmaps: bool = False,
+) -> list[dict[str, Any]]:
+    """Rows (CSV fields + advice, optionally a heatmap RGB array) for decoded images."""
+    out = engine.run(normalise(np.stack(squares), engine.spec))
+    rows = []
+    for i, grey in enumerate(greys):
+        p, k = out.probs[i], int(out.probs[i].argmax())
+        row = {
+            "label": CLASS_IDS[k],
+            "confidence": round(float(p[k]), 6),
+            **{f"p_{c}": round(float(v), 6) for c, v in zip(CLASS_IDS, p, strict=True)},
+            "decision": out.decisions[i],
+            "error": "",
+            "ood_score": round(float(out.ood[i]), 3),
+            "advice": advice(CLASS_IDS[k], out.decisions[i], lang),
+        }
+        if heatmaps and out.decisions[i] != "rejected":
+            row["heatmap"] = overlay(grey, engine.cam(out.features[i], k), engine.spec)
+        rows.append(row)
+    return rows
+
+
+def predict_bytes(
+    engine: Engine, data: bytes, name: str = "upload", lang: str = "en", heatmap: bool = False
+) -> dict[str, Any]:
+    """One image given as bytes (the service's path). Raises ImageReadError for unreadable input."""
+    grey = load_grey(data, name=name)
+    return {"path": name, **predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap)[0]}
+
+
+def predict_paths(
+    engine: Engine,
+    paths: list[str],
+    lang: str = "en",
+    heatmap_dir: Path | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+) -> Iterator[dict[str, Any]]:
+    """Rows for every path, in order; decoding runs in threads while the previous batch is scored."""
+    if heatmap_dir is not None:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        pending = pool.map(lambda b: [_load(p, engine.spec) for p in b], batches)
+        for idx, (batch, loaded) in enumerate(zip(batches, pending, strict=True)):
+            good = [(p, r) for p, r in zip(batch, loaded, strict=True) if not isinstance(r, str)]
+            scored = iter(
+                predict_arrays(
+                    engine, [r[0] for _, r in good], [r[1] for _, r in good], lang, heatmap_dir is not None
+                )
+                if good
+                else []
+            )
+            for j, (p, r) in enumerate(zip(batch, loaded, strict=True)):
+                if isinstance(r, str):
+                    yield error_row(p, r)
+                    continue
+                row = {"path": p, **next(scored)}
+                heat = row.pop("heatmap", None)
+                if heat is not None:
+                    target = heatmap_dir / f"{idx * batch_size + j:05d}_{Path(p).stem}_heatmap.png"
+                    Image.fromarray(heat).save(target)
+                    row["heatmap_path"] = str(target)
+                yield row
+
+
+def write_rows(rows: list[dict[str, Any]], fmt: str, out: io.TextIOBase) -> None:
+    """CSV (the DESIGN.md columns) or JSON lines of rows to a text stream."""
+    if fmt == "csv":
+        w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    elif fmt == "json":
+        json.dump(rows, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+    else:
+        raise ValueError(f"unknown format {fmt!r}; use table, csv or json")

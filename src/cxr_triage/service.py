@@ -1,0 +1,323 @@
+"""The web service: one static page and a small JSON API over ``predict_bytes`` (FastAPI + uvicorn).
+
+Routes: ``GET /`` (the page), ``POST /api/v1/predict``, ``GET /api/v1/health``, ``GET /api/v1/model``,
+``/docs`` (OpenAPI). The model is loaded once, when the app is created; predictions run in a thread pool
+so requests never block the event loop. Every error is JSON ``{"error": "<sentence>"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import ipaddress
+import logging
+import re
+import time
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cxr_triage import __version__
+from cxr_triage.advice import NOTICE
+from cxr_triage.engine import Engine
+from cxr_triage.predict import png_bytes, predict_bytes
+from cxr_triage.preprocess import DICOM_SUFFIXES, ImageReadError, load_grey
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(str(resources.files("cxr_triage") / "static"))
+MULTIPART_SLACK = 64 * 1024  # form headers and boundaries around the file
+DISPLAY_MAX_SIDE = 512  # the same size as the heatmap overlay, so the two line up
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+_MAGIC = (  # (offset, bytes, kind)
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"\xff\xd8\xff", "jpeg"),
+    (128, b"DICM", "dicom"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (8, b"WEBP", "webp"),
+)
+
+
+class ModelInfo(BaseModel):
+    """Which model answered."""
+
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of the bundle's model.onnx")
+
+
+class Prediction(BaseModel):
+    """One prediction: the prediction-CSV fields plus advice, model and optional images."""
+
+    path: str = Field(description="the uploaded file name, sanitised")
+    label: str = Field(description="arg-max class id: covid, lung_opacity, normal or viral_pneumonia")
+    confidence: float = Field(description="probability of the label")
+    p_covid: float
+    p_lung_opacity: float
+    p_normal: float
+    p_viral_pneumonia: float
+    decision: Literal["accept", "uncertain", "rejected", "error"]
+    error: str = ""
+    ood_score: float | None = Field(None, description="distance from the training images; large = unfamiliar")
+    advice: str = Field(description="what to do next (in `lang`), then the not-a-diagnosis notice")
+    model: ModelInfo
+    heatmap: str | None = Field(None, description="base64 PNG: the class activation map over the image")
+    image: str | None = Field(None, description="base64 PNG: the grey input image as the model read it")
+
+
+class Health(BaseModel):
+    """Liveness and the loaded model."""
+
+    status: Literal["ok"] = "ok"
+    model: ModelInfo
+    max_upload_mb: float
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: str = Field(description="a human sentence saying what went wrong")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (413, "upload too large"),
+        (415, "not an image or DICOM file"),
+        (422, "corrupt image or invalid request"),
+        (500, "internal error"),
+    )
+}
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for bodies over the limit, by Content-Length first, then by counting bytes."""
+
+    def __init__(self, app: ASGIApp, max_upload: int, slack: int = MULTIPART_SLACK) -> None:
+        self.app, self.max_bytes, self.message = app, max_upload + slack, too_large(max_upload)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"error": self.message}, status_code=413)(scope, receive, send)
+            return
+        total = 0
+
+        async def counted() -> Any:
+            nonlocal total
+            message = await receive()
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:  # FastAPI re-raises HTTPExceptions met while reading the body
+                raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def too_large(max_bytes: int) -> str:
+    return f"The upload is too large; the limit is {round(max_bytes / 2**20, 2):g} MB."
+
+
+def sniff(head: bytes, name: str = "") -> str | None:
+    """The image kind from magic bytes (png, jpeg, dicom, bmp, tiff, webp), or None for anything else."""
+    for offset, magic, kind in _MAGIC:
+        if head[offset : offset + len(magic)] == magic and (kind != "webp" or head[:4] == b"RIFF"):
+            return kind
+    # DICOM without the 128-byte preamble: starts with a group 0002 or 0008 tag (little endian)
+    if PurePosixPath(name).suffix.lower() in DICOM_SUFFIXES and head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return "dicom"
+    return None
+
+
+def safe_name(name: str | None) -> str:
+    """The base name of an uploaded file, without directories or odd characters (at most 100 characters)."""
+    base = PurePosixPath((name or "").replace("\\", "/")).name
+    base = re.sub(r"[^\w.\- ()+]+", "_", base).strip(" .")
+    return base[-100:] or "upload"
+
+
+def b64png(rgb: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(rgb)).decode("ascii")
+
+
+def display_image(data: bytes, name: str) -> np.ndarray:
+    """The grey input, at most DISPLAY_MAX_SIDE on its long side (as the heatmap overlay is drawn)."""
+    grey = load_grey(data, name=name)
+    h, w = grey.shape
+    scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR)) if scale < 1 else grey
+
+
+def predict_upload(
+    engine: Engine, data: bytes, name: str, kind: str, lang: str, heatmap: bool, image: bool
+) -> dict[str, Any]:
+    """Blocking work for one upload (run in a worker thread): the prediction row with encoded images."""
+    dicom_name = Path(name).suffix.lower() in DICOM_SUFFIXES
+    decode_name = name if (kind == "dicom") == dicom_name else f"{name}.{kind}"  # decode by content, not name
+    row = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap)
+    row["path"] = name
+    if row.get("heatmap") is not None:
+        row["heatmap"] = b64png(row["heatmap"])
+    if image:
+        row["image"] = b64png(display_image(data, decode_name))
+    return {**row, "model": engine.info}
+
+
+def validation_sentence(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors as one sentence, e.g. "form field 'file': field required"."""
+    where = {"body": "form field", "query": "query parameter", "path": "path parameter", "header": "header"}
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        place = where.get(loc[0], loc[0]) if loc else "request"
+        field = ".".join(loc[1:]) or "body"
+        parts.append(f"{place} '{field}': {str(err.get('msg', 'invalid')).lower()}")
+    file_missing = any("'file'" in p for p in parts)
+    hint = " Upload the image as the multipart form field 'file'." if file_missing else ""
+    return "Invalid request: " + "; ".join(parts) + "." + hint
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON ``{"error": ...}`` for HTTP errors, validation errors and anything unexpected."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            text = f"Not found: {request.url.path} does not exist; the page is at /, the API under /api/v1."
+        elif exc.status_code == 405:
+            text = f"Method {request.method} is not allowed on {request.url.path}."
+        else:
+            text = str(exc.detail)
+        return JSONResponse({"error": text}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": validation_sentence(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+def page_html() -> str:
+    """index.html with the not-a-diagnosis notice filled in from ``advice.NOTICE`` (one source of truth)."""
+    text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    for lang, notice in NOTICE.items():
+        text = text.replace(f"{{{{notice_{lang}}}}}", html.escape(notice))
+    return text
+
+
+def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
+    """The page and the /api/v1 routes."""
+    page = page_html()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    @app.get("/api/v1/health", response_model=Health, tags=["service"])
+    async def health() -> dict[str, Any]:
+        """The service is up and which model it serves."""
+        return {"status": "ok", "model": engine.info, "max_upload_mb": round(max_bytes / 2**20, 3)}
+
+    @app.get("/api/v1/model", response_model=dict[str, Any], tags=["service"])
+    async def model() -> dict[str, Any]:
+        """The bundle's model.json: classes, preprocessing, calibration, thresholds and metrics."""
+        return engine.meta
+
+    @app.post(
+        "/api/v1/predict",
+        response_model=Prediction,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        tags=["predict"],
+    )
+    async def predict(
+        file: Annotated[UploadFile, File(description="a chest X-ray: PNG, JPEG or DICOM (BMP, TIFF, WebP)")],
+        lang: Annotated[Literal["en", "ko"], Query(description="language of the advice")] = "en",
+        heatmap: Annotated[bool, Query(description="add `heatmap`, a base64 PNG overlay")] = False,
+        image: Annotated[bool, Query(description="add `image`, a base64 PNG of the grey input")] = False,
+    ) -> dict[str, Any]:
+        """Classify one uploaded chest X-ray and say what to do next. Decision support, not a diagnosis."""
+        data = await file.read(max_bytes + 1)
+        await file.close()
+        if len(data) > max_bytes:
+            raise HTTPException(413, too_large(max_bytes))
+        name = safe_name(file.filename)
+        kind = sniff(data[:132], name)
+        if kind is None:
+            raise HTTPException(415, f"{name} is not an image: upload a PNG, JPEG or DICOM chest X-ray.")
+        start = time.perf_counter()
+        try:
+            row = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
+        except ImageReadError as exc:
+            raise HTTPException(422, f"The image could not be read: {exc}") from None
+        log.info(
+            "predicted %s (%d bytes): %s, %s in %.0f ms",
+            kind,
+            len(data),
+            row["label"],
+            row["decision"],
+            1000 * (time.perf_counter() - start),
+        )
+        return row
+
+
+def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20) -> FastAPI:
+    """The FastAPI app over the bundle in ``bundle_dir`` (None: the shipped default), loaded once, now."""
+    if max_upload_mb <= 0:
+        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    engine = Engine(bundle_dir)
+    max_bytes = int(max_upload_mb * 2**20)
+    about = "Chest X-ray triage (COVID-19, Lung Opacity, Normal, Viral Pneumonia) with heatmaps and advice. "
+    app = FastAPI(title="cxr-triage", version=__version__, description=about + NOTICE["en"])
+    app.state.engine = engine
+    app.add_middleware(UploadLimit, max_upload=max_bytes)
+    install_error_handlers(app)
+    add_routes(app, engine, max_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    log.info("serving %s %s from %s", engine.info["name"], engine.info["version"], engine.dir)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run(
+    host: str = "127.0.0.1", port: int = 8000, bundle_dir: Path | None = None, max_upload_mb: float = 20
+) -> None:
+    """Serve the app with uvicorn (blocks until stopped)."""
+    import uvicorn
+
+    if not is_loopback(host):
+        log.warning("binding to %s exposes the service to the network; use 127.0.0.1 to keep it local", host)
+    uvicorn.run(create_app(bundle_dir, max_upload_mb), host=host, port=port)

@@ -1,0 +1,116 @@
+"""Training (smoke), checkpoints, resume, export parity and the bundle contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr_triage.classes import CLASS_IDS
+from cxr_triage.config import ConfigError, apply_overrides, load_config
+from cxr_triage.engine import BundleError, Engine, read_bundle_meta
+from cxr_triage.export import PARITY_TOL
+from cxr_triage.model import CheckpointError, create_model, load_checkpoint
+from cxr_triage.preprocess import preprocess
+
+from .conftest import REPO, smoke_config
+
+
+def test_config_overrides_and_unknown_keys():
+    cfg = load_config(REPO / "configs" / "default.yaml", ["model.arch=resnet34", "trainer.max_epochs=3"])
+    assert cfg["model"]["arch"] == "resnet34" and cfg["trainer"]["max_epochs"] == 3
+    with pytest.raises(ConfigError, match="unknown config key"):
+        apply_overrides(cfg, ["model.archh=x"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides(cfg, ["model.arch"])
+
+
+def test_model_has_gap_linear_head_and_rejects_others():
+    m = create_model("resnet18")
+    assert m.get_classifier().out_features == len(CLASS_IDS)
+    assert m(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        create_model("no_such_net_123")
+
+
+def test_smoke_run_writes_history_curves_and_safe_checkpoint(smoke_run: Path):
+    hist = pd.read_csv(smoke_run / "history.csv")
+    assert list(hist["epoch"]) == [0, 1]
+    assert hist["val_macro_f1"].between(0, 1).all() and (hist["train_img_per_s"] > 0).all()
+    assert (smoke_run / "curves.png").stat().st_size > 1000
+    assert (smoke_run / "checkpoints" / "last.ckpt").exists()
+    payload = torch.load(smoke_run / "best.pt", weights_only=True)  # no pickled code inside
+    assert payload["classes"] == list(CLASS_IDS)
+    assert payload["extra"]["counts"]["train"]["covid"] > 0
+    model, cfg, spec = load_checkpoint(smoke_run / "best.pt")
+    assert spec.size == 64 and cfg["model"]["arch"] == "resnet18"
+
+
+def test_run_refuses_to_overwrite_and_resumes(smoke_manifest: Path, tmp_path: Path):
+    from cxr_triage.train import train
+
+    cfg = smoke_config(tmp_path, smoke_manifest, extra=["trainer.max_epochs=1"])
+    run = train(cfg)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
+    run2 = train(apply_overrides(cfg, ["trainer.max_epochs=2"]), resume=True)
+    assert run2 == run
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
+
+
+def test_checkpoint_loading_refuses_garbage(tmp_path: Path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_bundle_contract_and_parity(smoke_bundle: Path, smoke_run: Path, smoke_manifest: Path):
+    meta = read_bundle_meta(smoke_bundle)
+    assert meta["classes"] == list(CLASS_IDS)
+    assert meta["parity_max_prob_diff"] <= PARITY_TOL
+    assert meta["calibration"]["temperature"] > 0 and 0 <= meta["abstain"]["threshold"] <= 1
+    assert meta["ood"]["threshold"] > 0
+    engine = Engine(smoke_bundle)
+    model, _, spec = load_checkpoint(smoke_run / "best.pt")
+    paths = [p for p in pd.read_csv(smoke_manifest)["path"][:6]]
+    root = json.loads((smoke_manifest.parent / "manifest.json").read_text())["dataset_root"]
+    x = np.stack([preprocess(Path(root) / p, spec) for p in paths])
+    logits, feats = engine.forward(x)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-3)
+    assert feats.shape[:2] == (len(paths), model.num_features)
+    # the CAM from the exported features and head weights equals the torch computation
+    cam = engine.cam(feats[0], 0)
+    with torch.no_grad():
+        f = model.forward_features(torch.from_numpy(x[:1]))[0]
+        ref_cam = torch.relu(torch.einsum("c,chw->hw", model.get_classifier().weight[0], f)).numpy()
+    np.testing.assert_allclose(cam, ref_cam / ref_cam.max(), atol=1e-4)
+
+
+def test_altered_bundle_is_refused(smoke_bundle: Path, tmp_path: Path):
+    b = tmp_path / "b"
+    shutil.copytree(smoke_bundle, b)
+    with open(b / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        Engine(b)
+    shutil.copy(smoke_bundle / "model.onnx", b / "model.onnx")
+    meta = json.loads((b / "model.json").read_text())
+    meta["classes"] = ["a", "b", "c", "d"]
+    (b / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="classes"):
+        Engine(b)
+    del meta["preprocess"]
+    meta["classes"] = list(CLASS_IDS)
+    (b / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="preprocessing"):
+        Engine(b)
