@@ -37,3 +37,22 @@ test: lint
 
 clean:
 	rm -rf $(VENV) $(HEATMAPS) .pytest_cache
+
+# --- the shipped model, end to end (needs ../shared/data; about 1.5 h on a 2-core CPU) ---
+DATASET ?= ../shared/data/COVID-19_Radiography_Dataset
+EXTERNAL ?= ../shared/data/external
+RUN ?= r18-160
+BUNDLE := src/cxr_triage/assets/model
+
+.PHONY: data eda train-model bundle reports
+data: $(VENV)/.full
+	$(BIN)/cxr-triage ingest $(DATASET) --out runs/data
+eda: data
+	$(BIN)/cxr-triage eda runs/data/manifest.csv --out runs/eda
+train-model: $(VENV)/.full
+	$(BIN)/cxr-triage train --config configs/default.yaml name=$(RUN)
+bundle: $(VENV)/.full
+	$(BIN)/cxr-triage export runs/$(RUN)/best.pt --out $(BUNDLE)
+reports: $(VENV)/.full
+	$(BIN)/cxr-triage evaluate --model $(BUNDLE) --data runs/data/manifest.csv --split test --out reports/test --record
+	$(BIN)/cxr-triage evaluate --model $(BUNDLE) --data $(EXTERNAL) --out reports/external

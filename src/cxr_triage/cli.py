@@ -51,17 +51,13 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
 def ingest(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset folder (Kaggle layout or <Class>/ folders).")],
-    out: Annotated[
-        Path, typer.Option("--out", help="Output folder for manifest.csv, manifest.json, skipped.csv.")
-    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for manifest.csv, manifest.json, skipped.csv.")],
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
     test: Annotated[float, typer.Option(help="Test fraction.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
@@ -111,13 +107,9 @@ def eda(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", help="Training config YAML.")] = Path(
-        "configs/default.yaml"
-    ),
+    config: Annotated[Path, typer.Option("--config", help="Training config YAML.")] = Path("configs/default.yaml"),
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides.")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
-    ] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
     """Train a model (timm + Lightning); writes runs/<name>/ with checkpoints, history and best.pt."""
     from cxr_triage.config import ConfigError, load_config
@@ -159,15 +151,16 @@ def export(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option("--model", help="Bundle folder or checkpoint.")],
-    data: Annotated[
-        Path, typer.Option("--data", help="manifest.csv, a dataset folder, or a folder with labels.csv.")
-    ],
+    data: Annotated[Path, typer.Option("--data", help="manifest.csv, a dataset folder, or a folder with labels.csv.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and report.html.")],
     split: Annotated[str, typer.Option(help="Manifest split to evaluate (train/val/test/all).")] = "test",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
-    record: Annotated[
-        bool, typer.Option("--record", help="Store the headline metrics in the bundle.")
-    ] = False,
+    record: Annotated[bool, typer.Option("--record", help="Store the headline metrics in the bundle.")] = False,
+    gallery: Annotated[int, typer.Option(help="Worst errors shown with heatmaps in the report.")] = 12,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    ood: Annotated[
+        bool | None, typer.Option("--ood/--no-ood", help="Non-chest-image rejection check (default: manifests).")
+    ] = None,
 ) -> None:
     """Evaluate a model: metrics.json (with CIs, per origin, calibration) and report.html."""
     from cxr_triage.engine import BundleError
@@ -175,7 +168,17 @@ def evaluate(
     from cxr_triage.manifest import DatasetError
 
     try:
-        metrics = run_evaluate(model, data, split=split, out_dir=out, bootstrap=bootstrap, record=record)
+        metrics = run_evaluate(
+            model,
+            data,
+            split=split,
+            out_dir=out,
+            bootstrap=bootstrap,
+            record=record,
+            gallery=gallery,
+            seed=seed,
+            ood=ood,
+        )
     except (BundleError, DatasetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     console.print(
@@ -187,14 +190,10 @@ def evaluate(
 @app.command()
 def predict(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
-    model: Annotated[
-        Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")
-    ] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Write csv/json here instead of stdout.")] = None,
-    heatmaps: Annotated[
-        Path | None, typer.Option("--heatmaps", help="Folder for heatmap overlay PNGs.")
-    ] = None,
+    heatmaps: Annotated[Path | None, typer.Option("--heatmaps", help="Folder for heatmap overlay PNGs.")] = None,
     lang: Annotated[str, typer.Option("--lang", help="Advice language: en or ko.")] = "en",
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
 ) -> None:
@@ -246,9 +245,7 @@ def _print_table(rows: list[dict]) -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    model: Annotated[
-        Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")
-    ] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
 ) -> None:
     """Web page and JSON API (FastAPI + uvicorn)."""
     from cxr_triage.service import run
