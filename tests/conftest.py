@@ -14,6 +14,7 @@ draws one more image of a class.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,4 +263,11 @@ def smoke_bundle(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     out = tmp_path_factory.mktemp("smoke_bundle") / "bundle"
     export_bundle(smoke_run / "best.pt", out)
+    # The smoke model's rejection gates are fitted on ~10 validation images, so they reject any slightly new
+    # synthetic image. Widen them (model.json is not hashed) so UI and heatmap tests see accepted images;
+    # the colour gate is a fixed threshold and stays as exported.
+    meta = json.loads((out / "model.json").read_text())
+    meta["ood"]["threshold"] *= 3
+    meta["ood"]["pixel_threshold"] *= 3
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
     return out

@@ -20,6 +20,7 @@ from cxr_triage.classes import CLASS_IDS
 from cxr_triage.cli import app
 from cxr_triage.engine import Engine, decide, softmax
 from cxr_triage.predict import CSV_COLUMNS, collect_inputs, predict_paths, write_rows
+from cxr_triage.preprocess import load_grey
 
 
 @pytest.fixture
@@ -126,6 +127,25 @@ def test_decide_thresholds():
     assert decide(0.9, 1.0, meta) == "accept"
     assert decide(0.7, 1.0, meta) == "uncertain"
     assert decide(0.99, 11.0, meta) == "rejected"
+    meta["ood"].update(pixel_threshold=0.5, colour_threshold=0.08)
+    assert decide(0.99, 1.0, meta, pixel=0.6) == "rejected"
+    assert decide(0.99, 1.0, meta, pixel=0.4, colour=0.3) == "rejected"
+    assert decide(0.99, 1.0, meta, pixel=0.4, colour=0.01) == "accept"
+
+
+def test_colour_pictures_are_rejected_grey_copies_are_not(smoke_bundle: Path, class_image, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    grey = class_image("covid", 96, 96, rng)
+    Image.fromarray(np.stack([grey] * 3, axis=2)).save(tmp_path / "grey_rgb.png")
+    tinted = np.stack([grey, grey // 3, 255 - grey], axis=2).astype(np.uint8)
+    Image.fromarray(tinted).save(tmp_path / "colour.png")
+    rows = {Path(r["path"]).name: r for r in predict_paths(Engine(smoke_bundle), collect_inputs([str(tmp_path)]))}
+    assert rows["colour.png"]["decision"] == "rejected"
+    info_grey: dict = {}
+    info_colour: dict = {}
+    load_grey(tmp_path / "grey_rgb.png", info=info_grey)
+    load_grey(tmp_path / "colour.png", info=info_colour)
+    assert info_grey["colourfulness"] == 0.0 and info_colour["colourfulness"] > 0.08
 
 
 def test_calibration_fits():

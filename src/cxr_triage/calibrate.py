@@ -76,13 +76,18 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return float(total)
 
 
+def fit_pixel_pca(thumbs: np.ndarray, k: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and top-k principal directions of training thumbnails (the pixel gate's model)."""
+    mean = thumbs.mean(axis=0)
+    _, _, vt = np.linalg.svd(thumbs - mean, full_matrices=False)
+    return mean.astype(np.float32), vt[: min(k, len(vt))].astype(np.float32)
+
+
 def fit_mahalanobis(
     pooled: np.ndarray, labels: np.ndarray, n_classes: int, shrink: float = 0.05
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class means and shared (shrunk) precision matrix of pooled features."""
-    means = np.stack(
-        [pooled[labels == c].mean(0) if np.any(labels == c) else pooled.mean(0) for c in range(n_classes)]
-    )
+    means = np.stack([pooled[labels == c].mean(0) if np.any(labels == c) else pooled.mean(0) for c in range(n_classes)])
     centred = pooled - means[labels]
     cov = centred.T @ centred / max(1, len(pooled) - 1)
     cov = (1 - shrink) * cov + shrink * np.eye(len(cov)) * np.trace(cov) / len(cov)

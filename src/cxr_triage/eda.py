@@ -354,8 +354,7 @@ def render_report(figures: dict[str, Path], summary: dict, **context: object) ->
         lstrip_blocks=True,
     )
     images = {
-        name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
-        for name, p in figures.items()
+        name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii") for name, p in figures.items()
     }
     return env.get_template("eda.html.j2").render(
         summary=summary,

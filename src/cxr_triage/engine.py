@@ -46,9 +46,7 @@ def read_bundle_meta(bundle_dir: Path) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     meta_path = bundle_dir / "model.json"
     if not meta_path.exists():
-        raise BundleError(
-            f"{bundle_dir} is not a model bundle (no model.json); export one with `cxr-triage export`"
-        )
+        raise BundleError(f"{bundle_dir} is not a model bundle (no model.json); export one with `cxr-triage export`")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
@@ -65,9 +63,7 @@ def read_bundle_meta(bundle_dir: Path) -> dict[str, Any]:
         if not f.exists():
             raise BundleError(f"{bundle_dir} lacks {name}")
         if sha256_file(f) != meta.get(key):
-            raise BundleError(
-                f"{f} does not match the sha256 in model.json: the bundle was altered or is incomplete"
-            )
+            raise BundleError(f"{f} does not match the sha256 in model.json: the bundle was altered or is incomplete")
     return meta
 
 
@@ -93,11 +89,33 @@ def ood_scores(pooled: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndarray:
     return np.sqrt(np.maximum(d2.min(axis=1), 0)).astype(np.float32)
 
 
-def decide(confidence: float, ood: float, meta: dict[str, Any]) -> str:
-    """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold."""
+def thumbnails(x: np.ndarray, side: int = 32) -> np.ndarray:
+    """Model inputs (N, 1, S, S) -> (N, side*side) block means: the image layout the pixel gate models."""
+    n, s = x.shape[0], x.shape[-1]
+    f = max(1, s // side)
+    side = s // f
+    return x[:, 0, : f * side, : f * side].reshape(n, side, f, side, f).mean(axis=(2, 4)).reshape(n, -1)
+
+
+def pixel_residual(thumbs: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndarray:
+    """RMS residual of thumbnails outside the principal subspace of training chest X-rays."""
+    if "pix_mean" not in extras:
+        return np.zeros(len(thumbs), np.float32)
+    t = thumbs - extras["pix_mean"]
+    p = extras["pix_components"]
+    return np.sqrt(((t - (t @ p.T) @ p) ** 2).mean(axis=1)).astype(np.float32)
+
+
+def decide(confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0.0, colour: float = 0.0) -> str:
+    """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold.
+
+    Three gates, each fitted or fixed at export: unfamiliar network features (Mahalanobis), an unfamiliar
+    image layout (pixel-PCA residual), and colour (radiographs are grey).
+    """
     gate = meta.get("ood", {})
-    if gate.get("threshold") is not None and ood > float(gate["threshold"]):
-        return "rejected"
+    for value, key in ((ood, "threshold"), (pixel, "pixel_threshold"), (colour, "colour_threshold")):
+        if gate.get(key) is not None and value > float(gate[key]):
+            return "rejected"
     if confidence < float(meta.get("abstain", {}).get("threshold", 0.0)):
         return "uncertain"
     return "accept"
@@ -118,6 +136,7 @@ class Output:
     logits: np.ndarray
     features: np.ndarray
     ood: np.ndarray
+    pixel: np.ndarray
     decisions: list[str]
 
 
@@ -135,9 +154,7 @@ class Engine:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
     @property
     def info(self) -> dict[str, str]:
@@ -149,17 +166,21 @@ class Engine:
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw (logits, feature maps) for a float32 batch (N, 1, S, S)."""
-        logits, feats = self.session.run(
-            ["logits", "features"], {"input": np.ascontiguousarray(x, np.float32)}
-        )
+        logits, feats = self.session.run(["logits", "features"], {"input": np.ascontiguousarray(x, np.float32)})
         return logits, feats
 
-    def run(self, x: np.ndarray) -> Output:
+    def run(self, x: np.ndarray, colour: list[float] | None = None) -> Output:
+        """Score a float32 batch; ``colour`` holds each input's colourfulness (0 for grey inputs)."""
         logits, feats = self.forward(x)
         probs = calibrated_probs(logits, self.meta)
         ood = ood_scores(feats.mean(axis=(2, 3)), self.extras)
-        decisions = [decide(float(p.max()), float(o), self.meta) for p, o in zip(probs, ood, strict=True)]
-        return Output(probs, logits, feats, ood, decisions)
+        pix = pixel_residual(thumbnails(x), self.extras)
+        colour = colour if colour is not None else [0.0] * len(x)
+        decisions = [
+            decide(float(p.max()), float(o), self.meta, float(q), float(c))
+            for p, o, q, c in zip(probs, ood, pix, colour, strict=True)
+        ]
+        return Output(probs, logits, feats, ood, pix, decisions)
 
     def cam(self, features: np.ndarray, class_idx: int) -> np.ndarray:
         return class_activation_map(features, class_idx, self.extras)

@@ -89,8 +89,7 @@ def _from_manifest(path: Path, split: str) -> pd.DataFrame:
     if split != "all":
         if split not in set(df["split"]):
             raise DatasetError(
-                f"{path} has no rows in split {split!r}; splits there: "
-                f"{sorted(set(df['split']))}, or use 'all'"
+                f"{path} has no rows in split {split!r}; splits there: {sorted(set(df['split']))}, or use 'all'"
             )
         df = df[df["split"] == split]
     return _frame(df)
@@ -147,8 +146,7 @@ def resolve_bundle(model: Path, workdir: Path, manifest: Path | None = None) -> 
     model = Path(model)
     if not model.exists():
         raise BundleError(
-            f"model {model} does not exist; give a bundle folder (with model.json) "
-            "or a checkpoint (.pt/.ckpt)"
+            f"model {model} does not exist; give a bundle folder (with model.json) or a checkpoint (.pt/.ckpt)"
         )
     if model.is_dir():
         return model
@@ -171,8 +169,8 @@ class _LogitRecorder:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def run(self, x: np.ndarray) -> Output:
-        out = self._engine.run(x)
+    def run(self, x: np.ndarray, colour: list[float] | None = None) -> Output:
+        out = self._engine.run(x, colour)
         self.logits.append(out.logits)
         return out
 
@@ -222,8 +220,7 @@ def ood_images(seed: int = 0) -> tuple[list[tuple[str, str, np.ndarray]], list[s
         if name in SKIMAGE_3D:
             slices, channel = SKIMAGE_3D[name]
             images += [
-                (f"{name} slice {i}", "scikit-image", arr[i] if channel is None else arr[i, channel])
-                for i in slices
+                (f"{name} slice {i}", "scikit-image", arr[i] if channel is None else arr[i, channel]) for i in slices
             ]
         else:
             images.append((name, "scikit-image", arr))
@@ -245,10 +242,12 @@ def ood_images(seed: int = 0) -> tuple[list[tuple[str, str, np.ndarray]], list[s
 def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict[str, Any]:
     """Run the bundle over non-chest images (``ood_images``): rejected fraction overall and per image."""
     images, skipped = ood_images(seed)
-    greys, kept = [], []
+    greys, kept, colours = [], [], []
     for name, source, arr in images:
         try:
-            greys.append(load_grey(arr))
+            info: dict[str, float] = {}
+            greys.append(load_grey(arr, info=info))
+            colours.append(info.get("colourfulness", 0.0))
             kept.append((name, source))
         except ImageReadError as exc:
             skipped.append(f"{name} ({exc})")
@@ -256,7 +255,10 @@ def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict
         r
         for i in range(0, len(greys), 32)
         for r in predict_arrays(
-            engine, greys[i : i + 32], [square(g, engine.spec) for g in greys[i : i + 32]]
+            engine,
+            greys[i : i + 32],
+            [square(g, engine.spec) for g in greys[i : i + 32]],
+            colours=colours[i : i + 32],
         )
     ]
     per_image = [

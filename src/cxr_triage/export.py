@@ -17,16 +17,33 @@ import numpy as np
 import torch
 
 from cxr_triage import __version__
-from cxr_triage.calibrate import abstain_threshold, fit_logit_bias, fit_mahalanobis, fit_temperature, macro_f1
+from cxr_triage.calibrate import (
+    abstain_threshold,
+    fit_logit_bias,
+    fit_mahalanobis,
+    fit_pixel_pca,
+    fit_temperature,
+    macro_f1,
+)
 from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
 from cxr_triage.data import build_cache, label_indices
-from cxr_triage.engine import BUNDLE_FORMAT, Engine, calibrated_probs, ood_scores, sha256_file
+from cxr_triage.engine import (
+    BUNDLE_FORMAT,
+    Engine,
+    calibrated_probs,
+    ood_scores,
+    pixel_residual,
+    sha256_file,
+    thumbnails,
+)
 from cxr_triage.manifest import load_manifest
 from cxr_triage.model import FeatureExport, load_checkpoint
 from cxr_triage.preprocess import PreprocessSpec, normalise, preprocess
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-4
+GATE_QUANTILE, GATE_MARGIN = 0.998, 1.05  # each rejection gate passes 99.8% of validation images, plus 5%
+COLOUR_THRESHOLD = 0.08  # mean chroma above which an input is a colour picture, not a radiograph
 
 
 class ExportError(RuntimeError):
@@ -60,13 +77,19 @@ def check_parity(model: torch.nn.Module, engine: Engine, x: np.ndarray) -> float
 
 
 def infer_cached(engine: Engine, images: np.ndarray, spec: PreprocessSpec, batch: int = 64):
-    """Raw logits and pooled features over a uint8 cache, in batches."""
-    logits, pooled = [], []
+    """Raw logits, pooled features and thumbnails over a uint8 cache, in batches."""
+    logits, pooled, thumbs = [], [], []
     for i in range(0, len(images), batch):
-        lg, ft = engine.forward(normalise(np.asarray(images[i : i + batch]), spec))
+        x = normalise(np.asarray(images[i : i + batch]), spec)
+        lg, ft = engine.forward(x)
         logits.append(lg)
         pooled.append(ft.mean(axis=(2, 3)))
-    return np.concatenate(logits), np.concatenate(pooled)
+        thumbs.append(thumbnails(x))
+    return np.concatenate(logits), np.concatenate(pooled), np.concatenate(thumbs)
+
+
+def _gate(scores: np.ndarray) -> float:
+    return float(np.quantile(scores, GATE_QUANTILE) * GATE_MARGIN)
 
 
 def calibrate(
@@ -78,30 +101,31 @@ def calibrate(
     seed: int = 0,
     target: float = 0.99,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Temperature, class bias, abstention threshold and OOD gate from validation (+ train sample)."""
+    """Temperature, class bias, abstention threshold and rejection gates from validation (+ a train sample)."""
     labels = label_indices(df)
     va = np.flatnonzero(df["split"] == "val")
     tr = np.flatnonzero(df["split"] == "train")
     tr = np.sort(np.random.default_rng(seed).choice(tr, min(n_train, len(tr)), replace=False))
-    lv, fv = infer_cached(engine, images[va], spec)
-    _, ft = infer_cached(engine, images[tr], spec)
+    lv, fv, tv = infer_cached(engine, images[va], spec)
+    _, ft, tt = infer_cached(engine, images[tr], spec)
     yv = labels[va]
     bias = fit_logit_bias(lv, yv)
     temperature = fit_temperature(lv + bias, yv)
     meta_cal = {"calibration": {"temperature": temperature, "logit_bias": bias.tolist()}}
-    probs = calibrated_probs(lv, meta_cal)
-    thr, cov = abstain_threshold(probs, yv, target)
+    thr, cov = abstain_threshold(calibrated_probs(lv, meta_cal), yv, target)
     means, precision = fit_mahalanobis(ft, labels[tr], len(CLASS_IDS))
-    extras = {"ood_means": means, "ood_precision": precision}
-    sv = ood_scores(fv, extras)
-    ood_thr = float(np.quantile(sv, 0.995) * 1.05)
+    pix_mean, pix_components = fit_pixel_pca(tt)
+    extras = {"ood_means": means, "ood_precision": precision, "pix_mean": pix_mean, "pix_components": pix_components}
+    sv, pv = ood_scores(fv, extras), pixel_residual(tv, extras)
+    gates = {"threshold": _gate(sv), "pixel_threshold": _gate(pv), "colour_threshold": COLOUR_THRESHOLD}
+    accepted = (sv <= gates["threshold"]) & (pv <= gates["pixel_threshold"])
     summary = {
         **meta_cal,
         "abstain": {"threshold": thr, "target_accuracy": target, "val_coverage": cov},
         "ood": {
-            "method": "mahalanobis-pooled-features",
-            "threshold": ood_thr,
-            "val_accept_rate": float((sv <= ood_thr).mean()),
+            "method": "Mahalanobis on pooled features + PCA residual of 32x32 thumbnails + colour",
+            **gates,
+            "val_accept_rate": float(accepted.mean()),
             "fitted_on": f"{len(tr)} train images",
         },
         "val": {
@@ -150,9 +174,7 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
     return meta
 
 
-def _base_meta(
-    cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: torch.nn.Module
-) -> dict[str, Any]:
+def _base_meta(cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     arch = cfg["model"]["arch"]
     return {
         "format": BUNDLE_FORMAT,

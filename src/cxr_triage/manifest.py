@@ -123,9 +123,7 @@ def read_origins(root: Path) -> pd.DataFrame:
                 pd.DataFrame(
                     {
                         "stem": meta["FILE NAME"].str.strip().str.lower(),
-                        "origin": meta["URL"].map(
-                            lambda u: urlparse(str(u)).netloc or str(u).strip() or "unknown"
-                        ),
+                        "origin": meta["URL"].map(lambda u: urlparse(str(u)).netloc or str(u).strip() or "unknown"),
                     }
                 )
             )
@@ -198,9 +196,7 @@ def assign_splits(df: pd.DataFrame, val: float, test: float, seed: int) -> pd.Se
         done = 0
         for k in order:
             g = stratum.iloc[k]
-            split_of[int(g["group"])] = (
-                "test" if done < n_test else "val" if done < n_test + n_val else "train"
-            )
+            split_of[int(g["group"])] = "test" if done < n_test else "val" if done < n_test + n_val else "train"
             done += int(g["n"])
     return df["group"].map(split_of)
 
@@ -246,9 +242,7 @@ def ingest(
     df["copy_px"] = df["copy_px"].fillna("")
     df["group"], n_groups, n_exact = group_duplicates(df, np.stack(thumbs))
     df["split"] = assign_splits(df, val, test, seed)
-    return IngestResult(
-        df[MANIFEST_COLUMNS], pd.DataFrame(skipped, columns=["path", "reason"]), n_groups, n_exact
-    )
+    return IngestResult(df[MANIFEST_COLUMNS], pd.DataFrame(skipped, columns=["path", "reason"]), n_groups, n_exact)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -286,9 +280,7 @@ def load_manifest(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"manifest {path} does not exist; run `cxr-triage ingest DATASET --out DIR` first")
-    df = pd.read_csv(
-        path, dtype={"phash": str, "sha256": str, "copy_px": str, "origin": str}, keep_default_na=False
-    )
+    df = pd.read_csv(path, dtype={"phash": str, "sha256": str, "copy_px": str, "origin": str}, keep_default_na=False)
     missing = {"path", "label", "split"} - set(df.columns)
     if missing:
         raise DatasetError(f"{path} is not a cxr-triage manifest (missing columns {sorted(missing)})")

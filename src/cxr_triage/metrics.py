@@ -46,11 +46,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     pred = probs.argmax(1)
     present = sorted(set(int(v) for v in y))
     prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=list(range(K)), zero_division=0)
-    auc = {
-        c: float(roc_auc_score(y == i, probs[:, i]))
-        for i, c in enumerate(CLASS_IDS)
-        if 0 < (y == i).sum() < len(y)
-    }
+    auc = {c: float(roc_auc_score(y == i, probs[:, i])) for i, c in enumerate(CLASS_IDS) if 0 < (y == i).sum() < len(y)}
     out: dict[str, Any] = {
         "n": len(y),
         "accuracy": float((pred == y).mean()),
@@ -146,9 +142,7 @@ def counts(frame: pd.DataFrame) -> dict[str, Any]:
         "errors": int((~readable).sum()),
         "decisions": {d: int(dec.get(d, 0)) for d in DECISIONS},
         "labels": {c: int((frame["true"] == c).sum()) for c in CLASS_IDS},
-        "gate_acceptance": _f((frame.loc[readable, "decision"] != "rejected").mean())
-        if readable.any()
-        else None,
+        "gate_acceptance": _f((frame.loc[readable, "decision"] != "rejected").mean()) if readable.any() else None,
     }
 
 
@@ -215,9 +209,7 @@ def abstention(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summarise(
-    frame: pd.DataFrame, meta: dict[str, Any], resamples: int = 1000, seed: int = 0
-) -> dict[str, Any]:
+def summarise(frame: pd.DataFrame, meta: dict[str, Any], resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Everything metrics.json holds about a predictions frame (the OOD check aside)."""
     out = score(frame, resamples, seed)
     out["by_origin"] = by_group(frame, "origin", resamples, seed)

@@ -34,9 +34,7 @@ def create_model(
             raise ValueError(f"unknown timm architecture {arch!r}; see timm.list_models()") from None
         raise
     if not isinstance(model.get_classifier(), nn.Linear):
-        raise ValueError(
-            f"{arch} does not end in one linear layer; heatmaps need GAP + linear (e.g. resnet18)"
-        )
+        raise ValueError(f"{arch} does not end in one linear layer; heatmaps need GAP + linear (e.g. resnet18)")
     return model
 
 
@@ -84,20 +82,14 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], PreprocessSp
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a safe cxr-triage checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
+        raise CheckpointError(f"{path} is not a safe cxr-triage checkpoint ({type(exc).__name__}: {exc})") from None
     if "state_dict" in payload and "hyper_parameters" in payload:  # Lightning checkpoint
         cfg = payload["hyper_parameters"]["config"]
-        state = {
-            k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")
-        }
+        state = {k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")}
         spec = PreprocessSpec.from_dict(cfg["preprocess"])
     elif payload.get("format") == "cxr-triage-checkpoint/1":
         if list(payload.get("classes", [])) != list(CLASS_IDS):
-            raise CheckpointError(
-                f"{path}: class list {payload.get('classes')} differs from {list(CLASS_IDS)}"
-            )
+            raise CheckpointError(f"{path}: class list {payload.get('classes')} differs from {list(CLASS_IDS)}")
         cfg, state = payload["config"], payload["state_dict"]
         spec = PreprocessSpec.from_dict(payload["preprocess"])
     else:

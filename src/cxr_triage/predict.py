@@ -69,9 +69,7 @@ def overlay(
         region = None
     if region is not None:
         y, x, rh, rw = region
-        heat[y : y + rh, x : x + rw] = np.asarray(
-            Image.fromarray(cam).resize((rw, rh), Image.Resampling.BILINEAR)
-        )
+        heat[y : y + rh, x : x + rw] = np.asarray(Image.fromarray(cam).resize((rw, rh), Image.Resampling.BILINEAR))
     rgb = (1 - alpha * heat[..., None]) * base[..., None] + alpha * heat[..., None] * jet(heat)
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -93,10 +91,12 @@ def error_row(path: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _load(path: str, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray] | str:
+def _load(path: str, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, float] | str:
+    """(grey image, model-size square, colourfulness) or an error sentence."""
     try:
-        grey = load_grey(path)
-        return grey, square(grey, spec)
+        info: dict[str, float] = {}
+        grey = load_grey(path, info=info)
+        return grey, square(grey, spec), info.get("colourfulness", 0.0)
     except ImageReadError as exc:
         return str(exc)
     except (OSError, MemoryError) as exc:
@@ -109,9 +109,10 @@ def predict_arrays(
     squares: list[np.ndarray],
     lang: str = "en",
     heatmaps: bool = False,
+    colours: list[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (CSV fields + advice, optionally a heatmap RGB array) for decoded images."""
-    out = engine.run(normalise(np.stack(squares), engine.spec))
+    out = engine.run(normalise(np.stack(squares), engine.spec), colours)
     rows = []
     for i, grey in enumerate(greys):
         p, k = out.probs[i], int(out.probs[i].argmax())
@@ -134,8 +135,10 @@ def predict_bytes(
     engine: Engine, data: bytes, name: str = "upload", lang: str = "en", heatmap: bool = False
 ) -> dict[str, Any]:
     """One image given as bytes (the service's path). Raises ImageReadError for unreadable input."""
-    grey = load_grey(data, name=name)
-    return {"path": name, **predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap)[0]}
+    info: dict[str, float] = {}
+    grey = load_grey(data, name=name, info=info)
+    rows = predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap, [info.get("colourfulness", 0.0)])
+    return {"path": name, **rows[0]}
 
 
 def predict_paths(
@@ -156,7 +159,12 @@ def predict_paths(
             good = [(p, r) for p, r in zip(batch, loaded, strict=True) if not isinstance(r, str)]
             scored = iter(
                 predict_arrays(
-                    engine, [r[0] for _, r in good], [r[1] for _, r in good], lang, heatmap_dir is not None
+                    engine,
+                    [r[0] for _, r in good],
+                    [r[1] for _, r in good],
+                    lang,
+                    heatmap_dir is not None,
+                    [r[2] for _, r in good],
                 )
                 if good
                 else []

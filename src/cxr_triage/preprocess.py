@@ -85,9 +85,7 @@ def _array_to_grey(arr: np.ndarray) -> np.ndarray:
             if np.asarray(arr).max(initial=0) <= 255 and arr.min(initial=0) >= 0:
                 return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         else:
-            raise ImageReadError(
-                f"array has {arr.shape[2]} channels; give a grey (HxW) or RGB(A) (HxWx3/4) array"
-            )
+            raise ImageReadError(f"array has {arr.shape[2]} channels; give a grey (HxW) or RGB(A) (HxWx3/4) array")
     if arr.ndim != 2:
         raise ImageReadError(f"expected a 2-D image array, got shape {arr.shape}")
     if arr.dtype == np.uint8:
@@ -103,14 +101,18 @@ def _array_to_grey(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
-def _pil_to_grey(im: Image.Image) -> np.ndarray:
+def colourfulness(rgb: Image.Image) -> float:
+    """Mean chroma (max - min channel, 0..1) of an RGB image on a small copy; ~0 for any grey X-ray."""
+    small = np.asarray(rgb.convert("RGB").resize((64, 64), Image.Resampling.BOX), dtype=np.int16)
+    return float((small.max(axis=2) - small.min(axis=2)).mean() / 255.0)
+
+
+def _pil_to_grey(im: Image.Image, info: dict | None = None) -> np.ndarray:
     if getattr(im, "n_frames", 1) > 1:
         raise ImageReadError(f"image has {im.n_frames} frames; give a single still image")
     w, h = im.size
     if w * h > MAX_PIXELS:
-        raise ImageReadError(
-            f"image is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit; downscale it first"
-        )
+        raise ImageReadError(f"image is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit; downscale it first")
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _array_to_grey(np.asarray(im))
@@ -119,19 +121,25 @@ def _pil_to_grey(im: Image.Image) -> np.ndarray:
         bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
         im = Image.alpha_composite(bg, im)
     if im.mode != "L":
-        im = im.convert("RGB").convert("L")
+        im = im.convert("RGB")
+        if info is not None:
+            info["colourfulness"] = colourfulness(im)
+        im = im.convert("L")
     return np.asarray(im, dtype=np.uint8)
 
 
-def load_grey(source: Source, name: str = "") -> np.ndarray:
+def load_grey(source: Source, name: str = "", info: dict | None = None) -> np.ndarray:
     """Decode a file path, bytes, array or PIL image into a 2-D uint8 grey array.
 
     Handles 8/16-bit, RGB/RGBA/palette/CMYK, EXIF orientation and DICOM (via ``cxr_triage.dicom``).
+    If ``info`` is a dict, colour inputs add ``info["colourfulness"]`` (0..1; chest X-rays are grey).
     Raises ``ImageReadError`` with a sentence saying what is wrong.
     """
     if isinstance(source, Image.Image):
-        grey = _pil_to_grey(source)
+        grey = _pil_to_grey(source, info)
     elif isinstance(source, np.ndarray):
+        if info is not None and source.ndim == 3 and source.shape[2] in (3, 4) and source.dtype == np.uint8:
+            info["colourfulness"] = colourfulness(Image.fromarray(np.ascontiguousarray(source[..., :3])))
         grey = _array_to_grey(source)
     else:
         if isinstance(source, str | Path):
@@ -156,7 +164,7 @@ def load_grey(source: Source, name: str = "") -> np.ndarray:
         else:
             try:
                 with Image.open(io.BytesIO(data)) as im:  # decoded lazily, after the size check
-                    grey = _pil_to_grey(im)
+                    grey = _pil_to_grey(im, info)
             except UnidentifiedImageError:
                 raise ImageReadError(
                     f"{name or 'input'}: not a recognised image (PNG, JPEG, BMP, TIFF, WebP or DICOM expected)"

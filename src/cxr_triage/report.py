@@ -61,9 +61,7 @@ def plot_confusion(metrics: dict[str, Any]) -> Figure:
     ):
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, aspect="auto")
         for (i, j), v in np.ndenumerate(values):
-            ax.text(
-                j, i, fmt.format(v), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black"
-            )
+            ax.text(j, i, fmt.format(v), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
         ax.set_xticks(range(len(CLASS_IDS)), labels=[n.replace(" ", "\n") for n in NAMES])
         ax.set_yticks(range(len(rows)), labels=[NAMES[i] for i in rows])
         ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -102,9 +100,7 @@ def plot_reliability(cal: dict[str, Any]) -> Figure:
     ):
         bins = [b for b in cal[f"reliability_{key}"] if b["n"]]
         centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
-        ax.bar(
-            centres, [b["accuracy"] for b in bins], width=1 / cal["bins"], edgecolor="white", label="accuracy"
-        )
+        ax.bar(centres, [b["accuracy"] for b in bins], width=1 / cal["bins"], edgecolor="white", label="accuracy")
         ax.plot(
             [b["confidence"] for b in bins],
             [b["accuracy"] for b in bins],
@@ -163,7 +159,7 @@ def error_gallery(engine: Engine, preds: pd.DataFrame, k: int = 12) -> list[dict
         return []
     out = engine.run(normalise(np.stack([r[1] for _, r in loaded]), engine.spec))
     items = []
-    for i, (row, (grey, _)) in enumerate(loaded):
+    for i, (row, (grey, *_)) in enumerate(loaded):
         cam = engine.cam(out.features[i], CLASS_IDS.index(row.pred))
         rgb = overlay(grey, cam, engine.spec, max_side=GALLERY_PX)
         items.append(

@@ -312,9 +312,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run(
-    host: str = "127.0.0.1", port: int = 8000, bundle_dir: Path | None = None, max_upload_mb: float = 20
-) -> None:
+def run(host: str = "127.0.0.1", port: int = 8000, bundle_dir: Path | None = None, max_upload_mb: float = 20) -> None:
     """Serve the app with uvicorn (blocks until stopped)."""
     import uvicorn
 

@@ -211,9 +211,7 @@ def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if not resume and last.exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another name"
-        )
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
