@@ -50,11 +50,25 @@ class ExportError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
-def to_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
+def export_module(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """(module returning logits and feature map, fp16-storable). Conv+BatchNorm pairs are fused first
+    (torch.fx), so that the weights rounded to fp16 here are exactly the weights in the ONNX graph."""
     wrapper = FeatureExport(model).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(wrapper)
+    except Exception as exc:  # an architecture torch.fx cannot trace: export unfused, weights in fp32
+        log.warning("conv-bn fusion failed (%s); exporting fp32 weights", exc)
+        return wrapper, False
+    round_weights_to_fp16(fused)
+    return fused.eval(), True
+
+
+def to_onnx(module: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
     dummy = torch.zeros(1, 1, spec.size, spec.size)
     torch.onnx.export(
-        wrapper,
+        module,
         (dummy,),
         str(path),
         input_names=["input"],
@@ -65,12 +79,49 @@ def to_onnx(model: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
     )
 
 
-def check_parity(model: torch.nn.Module, engine: Engine, x: np.ndarray) -> float:
-    """Max |p_torch - p_onnx| over a batch of real images; raises ExportError above PARITY_TOL."""
+def round_weights_to_fp16(model: torch.nn.Module) -> None:
+    """Round float parameters and buffers to fp16 precision (kept as fp32), so the fp16-stored ONNX
+    weights reproduce this model exactly and the parity check compares like with like."""
     with torch.no_grad():
-        p_torch = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+
+
+def store_weights_fp16(path: Path, min_elements: int = 1024) -> None:
+    """Halve the ONNX file: large fp32 initializers are stored as fp16 behind a Cast to fp32.
+
+    Computation stays fp32 (onnxruntime folds the casts when it loads the graph), so speed is unchanged.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path))
+    casts = []
+    for init in m.graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            continue
+        arr = numpy_helper.to_array(init).astype(np.float16)
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(arr, name=f"{name}__fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT))
+    for i, node in enumerate(casts):
+        m.graph.node.insert(i, node)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def max_prob_diff(module: torch.nn.Module, engine: Engine, x: np.ndarray) -> float:
+    """Max |p_torch - p_onnx| over a batch."""
+    with torch.no_grad():
+        p_torch = torch.softmax(module(torch.from_numpy(x))[0], 1).numpy()
     p_onnx = torch.softmax(torch.from_numpy(engine.forward(x)[0]), 1).numpy()
-    diff = float(np.abs(p_torch - p_onnx).max())
+    return float(np.abs(p_torch - p_onnx).max())
+
+
+def check_parity(module: torch.nn.Module, engine: Engine, x: np.ndarray) -> float:
+    """Max probability difference torch vs onnxruntime on real images; ExportError above PARITY_TOL."""
+    diff = max_prob_diff(module, engine, x)
     if diff > PARITY_TOL:
         raise ExportError(f"onnxruntime differs from torch by {diff:.2e} (> {PARITY_TOL}) in probability")
     return diff
@@ -146,7 +197,11 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
         tmp = Path(tmp)
-        to_onnx(model, spec, tmp / "model.onnx")
+        module, fp16 = export_module(model)
+        to_onnx(module, spec, tmp / "model.onnx")
+        if fp16:
+            store_weights_fp16(tmp / "model.onnx")
+            round_weights_to_fp16(model)  # the CAM weights below match the graph's
         head = model.get_classifier()
         extras = {
             "cam_weight": head.weight.detach().numpy().astype(np.float32),
@@ -159,7 +214,11 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
         va = np.flatnonzero(df["split"] == "val")[:32]
         paths = list(df["abspath"].iloc[va])
         x = np.stack([preprocess(p, spec) for p in paths])
-        meta["parity_max_prob_diff"] = check_parity(model, engine, x)
+        meta["parity_max_prob_diff"] = check_parity(module, engine, x)
+        meta["weights"] = "fp16 (conv-bn fused, computed in fp32)" if fp16 else "fp32"
+        if fp16:  # effect of fp16 weight storage against the checkpoint as trained
+            original, _, _ = load_checkpoint(Path(ckpt))
+            meta["fp16_rounding_max_prob_diff"] = max_prob_diff(FeatureExport(original).eval(), engine, x)
         cal, ood = calibrate(engine, df, images, spec, seed=int(cfg.get("seed", 0)))
         np.savez(tmp / "extras.npz", **extras, **ood)
         meta.update(cal)
