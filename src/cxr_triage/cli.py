@@ -214,7 +214,7 @@ def predict(
         _fail(str(exc))
     rows = list(_progress("predicting")(predict_paths(engine, files, lang, heatmaps, batch_size), len(files)))
     if fmt == "table":
-        _print_table(rows)
+        _print_table(rows, lang)
     elif out is not None:
         with open(out, "w", encoding="utf-8", newline="") as f:
             write_rows(rows, fmt, f)
@@ -227,18 +227,24 @@ def predict(
         raise typer.Exit(3)
 
 
-def _print_table(rows: list[dict]) -> None:
+def _print_table(rows: list[dict], lang: str) -> None:
+    """A readable table (advice without the repeated notice), then the notice once."""
+    from cxr_triage.advice import NOTICE
     from cxr_triage.classes import DISPLAY_NAMES
 
     out = Console()
+    if not out.is_terminal:
+        out = Console(width=150)
     table = Table(show_lines=True)
-    for col in ("image", "result", "confidence", "decision", "advice"):
-        table.add_column(col, overflow="fold")
+    for col, width in (("image", 24), ("result", 16), ("confidence", 10), ("decision", 9), ("next step", None)):
+        table.add_column(col, overflow="fold", min_width=width)
     for r in rows:
-        label = DISPLAY_NAMES.get(r["label"], "") if r["decision"] != "error" else ""
-        conf = f"{r['confidence']:.1%}" if r["confidence"] != "" else ""
-        table.add_row(Path(r["path"]).name, label, conf, r["decision"], r.get("advice") or r["error"])
+        label = DISPLAY_NAMES.get(r["label"], "") if r["decision"] not in ("error", "rejected") else ""
+        conf = f"{r['confidence']:.1%}" if label else ""
+        step = (r.get("advice") or "").removesuffix(NOTICE[lang]).strip() or r["error"]
+        table.add_row(Path(r["path"]).name, label, conf, r["decision"], step)
     out.print(table)
+    out.print(NOTICE[lang])
 
 
 @app.command()
