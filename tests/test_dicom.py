@@ -221,3 +221,21 @@ def test_compressed_without_decoder_names_syntax_and_fix(caplog):
         load_grey(buf.getvalue())
     assert "pip install" in str(info.value)
     assert_no_phi(str(info.value), caplog.text)
+
+
+def test_predictions_from_dicom_match_the_png(smoke_bundle, image12, tmp_path):
+    """MONOCHROME2 and MONOCHROME1 16-bit DICOMs of an image are classified like its PNG."""
+    from cxr_triage.engine import Engine
+    from cxr_triage.predict import predict_paths
+
+    (tmp_path / "m2.dcm").write_bytes(dicom_bytes(image12))
+    (tmp_path / "m1.dcm").write_bytes(dicom_bytes((4095 - image12).astype(np.uint16), "MONOCHROME1"))
+    Image.fromarray(np.rint(image12 * (255 / 4095)).astype(np.uint8)).save(tmp_path / "a.png")
+    paths = [str(tmp_path / n) for n in ("a.png", "m2.dcm", "m1.dcm")]
+    rows = list(predict_paths(Engine(smoke_bundle), paths))
+    assert all(r["decision"] != "error" for r in rows), rows
+    ref = np.array([rows[0][f"p_{c}"] for c in ("covid", "lung_opacity", "normal", "viral_pneumonia")])
+    for r in rows[1:]:
+        p = np.array([r[f"p_{c}"] for c in ("covid", "lung_opacity", "normal", "viral_pneumonia")])
+        assert r["label"] == rows[0]["label"] and np.abs(p - ref).max() < 2e-2
+        assert all(v not in str(r) for v in PHI.values())
