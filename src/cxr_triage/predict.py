@@ -30,7 +30,9 @@ def collect_inputs(items: Iterable[str]) -> list[str]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # a folder named like an image (x.png/) holding no images was meant as a file: report it as an error row
+            out += found or ([item] if p.suffix.lower() in IMAGE_SUFFIXES else [])
         elif not p.exists() and any(ch in item for ch in "*?["):
             out += sorted(m for m in glob.glob(item, recursive=True) if Path(m).is_file())
         else:
