@@ -123,3 +123,13 @@ def test_altered_bundle_is_refused(smoke_bundle: Path, tmp_path: Path):
     (b / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="preprocessing"):
         Engine(b)
+
+
+def test_init_from_starts_with_the_given_weights(smoke_run: Path, smoke_manifest: Path, tmp_path: Path):
+    from cxr_triage.train import Classifier
+
+    cfg = smoke_config(tmp_path, smoke_manifest, extra=[f"model.init_from={smoke_run / 'best.pt'}"])
+    module = Classifier(cfg)
+    trained = torch.load(smoke_run / "best.pt", weights_only=True)["state_dict"]
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(v, trained[k]), k

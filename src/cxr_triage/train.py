@@ -59,6 +59,9 @@ class Classifier(L.LightningModule):
         self.model = create_model(
             m["arch"], m.get("pretrained", False), m.get("pretrained_file"), m.get("drop_rate", 0.0)
         ).to(memory_format=torch.channels_last)
+        if m.get("init_from"):
+            state = torch.load(m["init_from"], map_location="cpu", weights_only=True)["state_dict"]
+            self.model.load_state_dict(state)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=config["optim"]["label_smoothing"])
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_f1 = torchmetrics.classification.MulticlassF1Score(NUM_CLASSES, average="none")
