@@ -240,9 +240,7 @@ def smoke_manifest(shared_dataset: SyntheticDataset, tmp_path_factory: pytest.Te
     from cxr_triage.manifest import ingest, write_outputs
 
     out = tmp_path_factory.mktemp("smoke_data")
-    write_outputs(
-        ingest(shared_dataset.root, val=0.25, test=0.25, seed=0, workers=1), shared_dataset.root, out, {}
-    )
+    write_outputs(ingest(shared_dataset.root, val=0.25, test=0.25, seed=0, workers=1), shared_dataset.root, out, {})
     return out / "manifest.csv"
 
 

@@ -247,9 +247,7 @@ def test_manifest_split_selection(smoke_bundle: Path, tmp_path: Path):
     res = ingest(ds.root, val=0.2, test=0.3, seed=0, workers=1)
     write_outputs(res, ds.root, tmp_path / "data", {})
     manifest = tmp_path / "data" / "manifest.csv"
-    m = evaluate(
-        smoke_bundle, manifest, split="test", out_dir=tmp_path / "out", bootstrap=20, gallery=0, ood=False
-    )
+    m = evaluate(smoke_bundle, manifest, split="test", out_dir=tmp_path / "out", bootstrap=20, gallery=0, ood=False)
     assert m["kind"] == "manifest" and m["split"] == "test"
     assert m["images"] == (res.manifest["split"] == "test").sum() and "ood" not in m
     origins = res.manifest.loc[res.manifest["split"] == "test", "origin"].value_counts()
@@ -311,9 +309,7 @@ def test_bundle_path_does_not_import_torch(smoke_bundle: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_checkpoint_is_exported_then_evaluated(
-    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_checkpoint_is_exported_then_evaluated(smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ckpt = smoke_run / "best.pt"
     monkeypatch.chdir(tmp_path)  # the checkpoint's relative cache_dir lands here, not in the repo
     ds = make_dataset(tmp_path / "ds", n_per_class=6, seed=5)

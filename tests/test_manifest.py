@@ -62,7 +62,7 @@ def test_masks_and_stray_files_are_ignored(ingested, shared_dataset):
     listed = set(ingested.manifest["path"]) | set(ingested.skipped["path"])
     assert not listed & set(shared_dataset.ignored)
     assert not any("/masks/" in p or p.endswith(".txt") for p in listed)
-    found, _ = find_images(shared_dataset.root)
+    found = find_images(shared_dataset.root)
     assert {p for p, _ in found} == set(shared_dataset.files) | set(shared_dataset.unreadable)
 
 
@@ -179,9 +179,7 @@ def test_all_files_unreadable(tmp_path):
 
 @pytest.mark.parametrize(("val", "test"), [(-0.1, 0.1), (0.1, -0.1), (0.5, 0.5), (0.7, 0.6)])
 def test_invalid_fractions(val, test):
-    df = pd.DataFrame(
-        {"path": ["a", "b"], "label": ["covid", "normal"], "origin": ["x", "x"], "group": [0, 1]}
-    )
+    df = pd.DataFrame({"path": ["a", "b"], "label": ["covid", "normal"], "origin": ["x", "x"], "group": [0, 1]})
     with pytest.raises(ValueError, match="val \\+ test < 1") as info:
         assign_splits(df, val, test, seed=0)
     assert not isinstance(info.value, DatasetError)
@@ -194,9 +192,7 @@ def test_ingest_rejects_invalid_fractions(shared_dataset):
 
 
 def test_zero_fractions_put_everything_in_train():
-    df = pd.DataFrame(
-        {"path": list("abcd"), "label": ["covid"] * 4, "origin": ["x"] * 4, "group": [0, 1, 1, 2]}
-    )
+    df = pd.DataFrame({"path": list("abcd"), "label": ["covid"] * 4, "origin": ["x"] * 4, "group": [0, 1, 1, 2]})
     assert list(assign_splits(df, 0.0, 0.0, seed=0)) == ["train"] * 4
 
 

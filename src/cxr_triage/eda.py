@@ -344,15 +344,20 @@ def _tables(df: pd.DataFrame, groups: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def render_report(figures: dict[str, Path], summary: dict, **context: object) -> str:
-    """Render the self-contained HTML report from the package template, with the figures embedded."""
-    env = jinja2.Environment(
+def template_env() -> jinja2.Environment:
+    """The Jinja2 environment of the package's HTML templates (shared by the EDA and evaluation reports)."""
+    return jinja2.Environment(
         loader=jinja2.PackageLoader("cxr_triage", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+
+
+def render_report(figures: dict[str, Path], summary: dict, **context: object) -> str:
+    """Render the self-contained HTML report from the package template, with the figures embedded."""
+    env = template_env()
     images = {
         name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii") for name, p in figures.items()
     }

@@ -96,7 +96,7 @@ def _from_manifest(path: Path, split: str) -> pd.DataFrame:
 
 
 def _from_folder(root: Path) -> pd.DataFrame:
-    files, _ = find_images(root)
+    files = find_images(root)
     df = pd.DataFrame(files, columns=["path", "label"])
     origins = read_origins(root)
     if "path" in origins.columns and len(origins):

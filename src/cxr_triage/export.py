@@ -5,6 +5,7 @@ Calibration uses only the validation split (and a sample of the training split f
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
@@ -191,6 +192,7 @@ def calibrate(
 def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> dict[str, Any]:
     """Write a verified, calibrated bundle to ``out_dir``; returns its model.json content."""
     model, cfg, spec = load_checkpoint(Path(ckpt))
+    original = copy.deepcopy(model)  # as trained, before fp16 rounding
     manifest = Path(manifest or cfg["data"]["manifest"])
     df = load_manifest(manifest)
     images = build_cache(df, spec, Path(cfg["data"].get("cache_dir", Path(out_dir) / ".cache")))
@@ -217,7 +219,6 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
         meta["parity_max_prob_diff"] = check_parity(module, engine, x)
         meta["weights"] = "fp16 (conv-bn fused, computed in fp32)" if fp16 else "fp32"
         if fp16:  # effect of fp16 weight storage against the checkpoint as trained
-            original, _, _ = load_checkpoint(Path(ckpt))
             meta["fp16_rounding_max_prob_diff"] = max_prob_diff(FeatureExport(original).eval(), engine, x)
         cal, ood = calibrate(engine, df, images, spec, seed=int(cfg.get("seed", 0)))
         np.savez(tmp / "extras.npz", **extras, **ood)

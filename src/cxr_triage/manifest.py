@@ -54,8 +54,8 @@ class IngestResult:
     n_exact_groups: int
 
 
-def find_images(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(relative path, class id) of every image file under recognised class folders, and stray entries.
+def find_images(root: Path) -> list[tuple[str, str]]:
+    """(relative path, class id) of every image file under recognised class folders.
 
     Accepts ``<Class>/images/*`` and ``<Class>/*`` (any depth); ignores ``masks`` folders and non-image files.
     """
@@ -79,7 +79,7 @@ def find_images(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]
                     found.append((Path(dirpath, fn).relative_to(root).as_posix(), cid))
     if not found:
         raise DatasetError(f"the class folders in {root} hold no image files (png/jpg/bmp/tif/webp/dcm)")
-    return sorted(found), []
+    return sorted(found)
 
 
 def hash_image(path: str) -> dict | str:
@@ -211,7 +211,7 @@ def ingest(
 ) -> IngestResult:
     """Scan, hash, group and split a dataset folder. ``progress(iterable, total)`` wraps the hashing loop."""
     root = Path(root).resolve()
-    files, _ = find_images(root)
+    files = find_images(root)
     paths = [str(root / rel) for rel, _ in files]
     workers = workers or min(8, os.cpu_count() or 1)
     with ProcessPoolExecutor(max_workers=workers) as pool:

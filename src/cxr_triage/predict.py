@@ -47,14 +47,22 @@ def jet(x: np.ndarray) -> np.ndarray:
     return (rgb * 255).astype(np.uint8)
 
 
+def fit(grey: np.ndarray, max_side: int = 512) -> np.ndarray:
+    """The grey image shrunk to at most ``max_side`` on its long side (aspect kept): what overlays are drawn on."""
+    h, w = grey.shape
+    scale = min(1.0, max_side / max(h, w))
+    if scale == 1.0:
+        return grey
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR))
+
+
 def overlay(
     grey: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, alpha: float = 0.4, max_side: int = 512
 ) -> np.ndarray:
     """The heatmap over the original image (its aspect ratio kept): RGB uint8."""
-    h, w = grey.shape
-    scale = min(1.0, max_side / max(h, w))
-    h, w = max(1, round(h * scale)), max(1, round(w * scale))
-    base = np.asarray(Image.fromarray(grey).resize((w, h), Image.Resampling.BILINEAR), np.float32)
+    base = fit(grey, max_side).astype(np.float32)
+    h, w = base.shape
     heat = np.zeros((h, w), np.float32)
     dy, dx = round(h * spec.border), round(w * spec.border)
     ih, iw = h - 2 * dy, w - 2 * dx
@@ -134,12 +142,15 @@ def predict_arrays(
 
 
 def predict_bytes(
-    engine: Engine, data: bytes, name: str = "upload", lang: str = "en", heatmap: bool = False
+    engine: Engine, data: bytes, name: str = "upload", lang: str = "en", heatmap: bool = False, image: bool = False
 ) -> dict[str, Any]:
-    """One image given as bytes (the service's path). Raises ImageReadError for unreadable input."""
+    """One image given as bytes (the service's path); ``image`` adds the decoded input as shown under the heatmap.
+    Raises ImageReadError for unreadable input."""
     info: dict[str, float] = {}
     grey = load_grey(data, name=name, info=info)
     rows = predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap, [info.get("colourfulness", 0.0)])
+    if image:
+        rows[0]["image"] = fit(grey)
     return {"path": name, **rows[0]}
 
 

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,6 +17,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
+from cxr_triage.eda import template_env
 from cxr_triage.engine import Engine
 from cxr_triage.manifest import atomic_write_text
 from cxr_triage.metrics import P_COLS
@@ -278,13 +278,7 @@ def render_report(
     metrics: dict[str, Any], preds: pd.DataFrame, out_path: Path, gallery: Sequence[dict[str, str]] = ()
 ) -> Path:
     """Write the self-contained report.html for ``evaluate``'s metrics and predictions; returns its path."""
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("cxr_triage", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    env = template_env()
     env.filters["pct"] = _pct
     html = env.get_template("evaluate.html.j2").render(
         m=metrics,

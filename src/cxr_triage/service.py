@@ -23,7 +23,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -32,13 +31,12 @@ from cxr_triage import __version__
 from cxr_triage.advice import NOTICE
 from cxr_triage.engine import Engine
 from cxr_triage.predict import png_bytes, predict_bytes
-from cxr_triage.preprocess import DICOM_SUFFIXES, ImageReadError, load_grey
+from cxr_triage.preprocess import DICOM_SUFFIXES, ImageReadError
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(resources.files("cxr_triage") / "static"))
 MULTIPART_SLACK = 64 * 1024  # form headers and boundaries around the file
-DISPLAY_MAX_SIDE = 512  # the same size as the heatmap overlay, so the two line up
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -160,27 +158,18 @@ def b64png(rgb: np.ndarray) -> str:
     return base64.b64encode(png_bytes(rgb)).decode("ascii")
 
 
-def display_image(data: bytes, name: str) -> np.ndarray:
-    """The grey input, at most DISPLAY_MAX_SIDE on its long side (as the heatmap overlay is drawn)."""
-    grey = load_grey(data, name=name)
-    h, w = grey.shape
-    scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR)) if scale < 1 else grey
-
-
 def predict_upload(
     engine: Engine, data: bytes, name: str, kind: str, lang: str, heatmap: bool, image: bool
 ) -> dict[str, Any]:
     """Blocking work for one upload (run in a worker thread): the prediction row with encoded images."""
     dicom_name = Path(name).suffix.lower() in DICOM_SUFFIXES
     decode_name = name if (kind == "dicom") == dicom_name else f"{name}.{kind}"  # decode by content, not name
-    row = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap)
+    row = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap, image=image)
     row["path"] = name
     if row.get("heatmap") is not None:
         row["heatmap"] = b64png(row["heatmap"])
-    if image:
-        row["image"] = b64png(display_image(data, decode_name))
+    if row.get("image") is not None:
+        row["image"] = b64png(row["image"])
     return {**row, "model": engine.info}
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from cxr_triage.classes import CLASS_IDS, NUM_CLASSES
 from cxr_triage.data import CachedImages, build_augment, build_cache, label_indices, sample_weights
 from cxr_triage.manifest import load_manifest
-from cxr_triage.model import create_model, save_checkpoint
+from cxr_triage.model import create_model, load_checkpoint, save_checkpoint
 from cxr_triage.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,6 @@ def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     t0 = time.time()
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
     if trainer.global_rank == 0:
-        from cxr_triage.model import load_checkpoint
-
         model, _, _ = load_checkpoint(Path(best.best_model_path or last))
         save_checkpoint(
             run_dir / "best.pt",
