@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +99,28 @@ def test_killed_write_leaves_only_a_hidden_temp(tmp_path: Path):
     assert proc.returncode == 9, proc.stderr
     assert not target.exists()
     assert all(p.name.startswith(".manifest.csv.tmp") for p in target.parent.iterdir())
+
+
+def test_failed_export_keeps_the_previous_bundle(
+    smoke_run: Path, smoke_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from cxr_triage import export as export_mod
+    from cxr_triage.engine import Engine
+
+    out = tmp_path / "bundle"
+    shutil.copytree(smoke_bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_parity(*args, **kwargs):
+        raise export_mod.ExportError("onnxruntime and torch disagree")
+
+    monkeypatch.setattr(export_mod, "check_parity", broken_parity)
+    with pytest.raises(export_mod.ExportError):
+        export_mod.export_bundle(smoke_run / "best.pt", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"], "the half-written bundle was left behind"
+    monkeypatch.undo()
+    meta = export_mod.export_bundle(smoke_run / "best.pt", out)  # a good export replaces it whole
+    assert Engine(out).meta["onnx_sha256"] == meta["onnx_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert out.stat().st_mode & 0o777 == 0o755

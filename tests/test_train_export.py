@@ -16,7 +16,7 @@ from cxr_triage.config import ConfigError, apply_overrides, load_config
 from cxr_triage.engine import BundleError, Engine, read_bundle_meta
 from cxr_triage.export import PARITY_TOL, export_module
 from cxr_triage.model import CheckpointError, create_model, load_checkpoint
-from cxr_triage.preprocess import preprocess
+from cxr_triage.preprocess import PreprocessSpec, preprocess
 
 from .conftest import REPO, smoke_config
 
@@ -133,3 +133,26 @@ def test_init_from_starts_with_the_given_weights(smoke_run: Path, smoke_manifest
     trained = torch.load(smoke_run / "best.pt", weights_only=True)["state_dict"]
     for k, v in module.model.state_dict().items():
         assert torch.equal(v, trained[k]), k
+
+
+def test_class_fraction_keeps_a_seeded_share_of_one_class(smoke_manifest: Path, tmp_path: Path):
+    from cxr_triage.train import build_loaders, subsample_classes
+
+    labels = np.repeat(np.arange(4), [10, 40, 30, 20])
+    rows = np.arange(len(labels))
+    kept = subsample_classes(rows, labels, {"lung_opacity": 0.25}, seed=0)
+    assert np.bincount(labels[kept]).tolist() == [10, 10, 30, 20]
+    assert np.array_equal(kept, subsample_classes(rows, labels, {"lung_opacity": 0.25}, seed=0))
+    assert not np.array_equal(kept, subsample_classes(rows, labels, {"lung_opacity": 0.25}, seed=1))
+    with pytest.raises(ValueError, match="unknown class 'lungs'"):
+        subsample_classes(rows, labels, {"lungs": 0.5}, 0)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        subsample_classes(rows, labels, {"covid": 0}, 0)
+    # through the config: the recorded training counts are the ones actually used
+    cfg = smoke_config(tmp_path, smoke_manifest, extra=["data.class_fraction={covid: 0.5}"])
+    full = smoke_config(tmp_path, smoke_manifest)
+    ps = PreprocessSpec.from_dict(cfg["preprocess"])
+    _, _, summary = build_loaders(cfg, ps)
+    _, _, summary_full = build_loaders(full, ps)
+    assert summary["counts"]["train"]["covid"] == round(summary_full["counts"]["train"]["covid"] * 0.5)
+    assert summary["counts"]["train"]["normal"] == summary_full["counts"]["train"]["normal"]

@@ -9,8 +9,6 @@ import copy
 import datetime as dt
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from cxr_triage.engine import (
     sha256_file,
     thumbnails,
 )
-from cxr_triage.manifest import load_manifest
+from cxr_triage.manifest import atomic_dir, load_manifest
 from cxr_triage.model import FeatureExport, load_checkpoint
 from cxr_triage.preprocess import PreprocessSpec, normalise, preprocess
 
@@ -197,8 +195,7 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
     df = load_manifest(manifest)
     images = build_cache(df, spec, Path(cfg["data"].get("cache_dir", Path(out_dir) / ".cache")))
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
-        tmp = Path(tmp)
+    with atomic_dir(out_dir) as tmp:
         module, fp16 = export_module(model)
         to_onnx(module, spec, tmp / "model.onnx")
         if fp16:
@@ -226,10 +223,6 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
         meta["extras_sha256"] = sha256_file(tmp / "extras.npz")
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
         Engine(tmp)  # re-open: the hashes and spec must check out
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.copytree(tmp, out_dir)
-        out_dir.chmod(0o755)  # the temporary folder was private; a bundle must be readable by a service user
     log.info("bundle written to %s (parity %.1e)", out_dir, meta["parity_max_prob_diff"])
     return meta
 

@@ -174,6 +174,21 @@ def plot_history(hist: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
+def subsample_classes(rows: np.ndarray, labels: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Keep a seeded fraction of each named class's training rows (learning curves); other classes untouched."""
+    rng = np.random.default_rng(seed)
+    keep = rows
+    for cls, frac in fractions.items():
+        if cls not in CLASS_IDS:
+            raise ValueError(f"data.class_fraction: unknown class {cls!r}; known: {', '.join(CLASS_IDS)}")
+        if not 0 < float(frac) <= 1:
+            raise ValueError(f"data.class_fraction.{cls} must be in (0, 1], got {frac}")
+        mine = keep[labels[keep] == CLASS_IDS.index(cls)]
+        drop = rng.choice(mine, size=len(mine) - max(1, round(float(frac) * len(mine))), replace=False)
+        keep = np.setdiff1d(keep, drop)
+    return keep
+
+
 def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
     """Train/val loaders over the decoded cache, with the class-balancing sampler."""
     from rich.progress import track
@@ -190,6 +205,7 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
     if len(tr) == 0 or len(va) == 0:
         raise ValueError("the manifest needs both 'train' and 'val' rows; re-run ingest with --val > 0")
+    tr = subsample_classes(tr, labels, d.get("class_fraction") or {}, int(cfg["seed"]))
     train_ds = CachedImages(images[tr], labels[tr], spec, build_augment(cfg["augment"], spec.size))
     val_ds = CachedImages(images[va], labels[va], spec)
     n = int(d.get("epoch_samples") or 0) or len(tr)
@@ -203,6 +219,7 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
         s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in CLASS_IDS}
         for s in ("train", "val", "test")
     }
+    counts["train"] = {c: int((labels[tr] == i).sum()) for i, c in enumerate(CLASS_IDS)}  # after class_fraction
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
 
 
