@@ -260,7 +260,8 @@ def smoke_bundle(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     from cxr_triage.export import export_bundle
 
     out = tmp_path_factory.mktemp("smoke_bundle") / "bundle"
-    export_bundle(smoke_run / "best.pt", out)
+    # int8, like the shipped bundle; a near-random smoke model has no accuracy to keep, so no drop limit
+    export_bundle(smoke_run / "best.pt", out, quantize="int8", max_accuracy_drop=1.0)
     # The smoke model's rejection gates are fitted on ~10 validation images, so they reject any slightly new
     # synthetic image. Widen them (model.json is not hashed) so UI and heatmap tests see accepted images;
     # the colour gate is a fixed threshold and stays as exported.
@@ -268,4 +269,14 @@ def smoke_bundle(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     meta["ood"]["threshold"] *= 3
     meta["ood"]["pixel_threshold"] *= 3
     (out / "model.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_bundle_fp16(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke run exported without quantisation (fp16-stored weights, fp32 compute)."""
+    from cxr_triage.export import export_bundle
+
+    out = tmp_path_factory.mktemp("smoke_bundle_fp16") / "bundle"
+    export_bundle(smoke_run / "best.pt", out, quantize="none")
     return out

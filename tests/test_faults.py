@@ -116,11 +116,11 @@ def test_failed_export_keeps_the_previous_bundle(
 
     monkeypatch.setattr(export_mod, "check_parity", broken_parity)
     with pytest.raises(export_mod.ExportError):
-        export_mod.export_bundle(smoke_run / "best.pt", out)
+        export_mod.export_bundle(smoke_run / "best.pt", out, quantize="none")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"], "the half-written bundle was left behind"
     monkeypatch.undo()
-    meta = export_mod.export_bundle(smoke_run / "best.pt", out)  # a good export replaces it whole
+    meta = export_mod.export_bundle(smoke_run / "best.pt", out, quantize="none")  # a good export replaces it whole
     assert Engine(out).meta["onnx_sha256"] == meta["onnx_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert out.stat().st_mode & 0o777 == 0o755

@@ -72,7 +72,8 @@ def test_checkpoint_loading_refuses_garbage(tmp_path: Path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_bundle_contract_and_parity(smoke_bundle: Path, smoke_run: Path, smoke_manifest: Path):
+def test_bundle_contract_and_parity(smoke_bundle_fp16: Path, smoke_run: Path, smoke_manifest: Path):
+    smoke_bundle = smoke_bundle_fp16
     meta = read_bundle_meta(smoke_bundle)
     assert meta["classes"] == list(CLASS_IDS)
     assert meta["parity_max_prob_diff"] <= PARITY_TOL
@@ -103,6 +104,39 @@ def test_bundle_contract_and_parity(smoke_bundle: Path, smoke_run: Path, smoke_m
 
     inits = onnx.load(str(smoke_bundle / "model.onnx")).graph.initializer
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in inits)
+
+
+def test_int8_bundle_is_quantised_checked_and_close_to_fp32(
+    smoke_bundle: Path, smoke_bundle_fp16: Path, smoke_manifest: Path
+):
+    import onnx
+
+    meta = read_bundle_meta(smoke_bundle)
+    assert meta["weights"].startswith("int8") and meta["parity_max_prob_diff"] <= PARITY_TOL  # fp32 graph vs torch
+    q = meta["quantization"]
+    assert q["calibration_images"] > 0 and 0 <= q["val_top1_agreement"] <= 1 and q["val_max_prob_diff"] < 0.2
+    graph = onnx.load(str(smoke_bundle / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
+    assert (smoke_bundle / "model.onnx").stat().st_size < q["fp32_onnx_bytes"] / 2
+    # int8 and fp16 bundles of the same checkpoint give close probabilities on real images
+    df = pd.read_csv(smoke_manifest)
+    root = Path(json.loads((smoke_manifest.parent / "manifest.json").read_text())["dataset_root"])
+    int8, fp = Engine(smoke_bundle), Engine(smoke_bundle_fp16)
+    x = np.stack([preprocess(root / p, int8.spec) for p in df["path"][:8]])
+    p8, pf = (torch.softmax(torch.from_numpy(e.forward(x)[0]), 1).numpy() for e in (int8, fp))
+    assert np.abs(p8 - pf).max() < 0.2
+
+
+def test_int8_export_refuses_to_lose_accuracy(smoke_run: Path, tmp_path: Path):
+    from cxr_triage.export import ExportError, export_bundle
+
+    with pytest.raises(ExportError, match="--quantize none"):
+        export_bundle(smoke_run / "best.pt", tmp_path / "b", max_accuracy_drop=-1.0)  # any result is "too lossy"
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        export_bundle(smoke_run / "best.pt", tmp_path / "b", quantize="int4")
 
 
 def test_altered_bundle_is_refused(smoke_bundle: Path, tmp_path: Path):

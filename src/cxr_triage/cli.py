@@ -133,13 +133,19 @@ def export(
     manifest: Annotated[
         Path | None, typer.Option(help="Manifest for parity and calibration (default: the run's).")
     ] = None,
+    quantize: Annotated[
+        str, typer.Option(help="int8: static quantisation (kept only if val accuracy holds); none: fp16 weights.")
+    ] = "int8",
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="Largest validation accuracy loss int8 may cost (0.005 = half a point).")
+    ] = 0.005,
 ) -> None:
     """Export a checkpoint to a verified, calibrated ONNX bundle (model.onnx, extras.npz, model.json)."""
     from cxr_triage.export import ExportError, export_bundle
     from cxr_triage.model import CheckpointError
 
     try:
-        meta = export_bundle(ckpt, out, manifest)
+        meta = export_bundle(ckpt, out, manifest, quantize=quantize, max_accuracy_drop=max_accuracy_drop)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     console.print(

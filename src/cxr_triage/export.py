@@ -49,7 +49,7 @@ class ExportError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
-def export_module(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+def export_module(model: torch.nn.Module, fp16: bool = True) -> tuple[torch.nn.Module, bool]:
     """(module returning logits and feature map, fp16-storable). Conv+BatchNorm pairs are fused first
     (torch.fx), so that the weights rounded to fp16 here are exactly the weights in the ONNX graph."""
     wrapper = FeatureExport(model).eval()
@@ -60,8 +60,39 @@ def export_module(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
     except Exception as exc:  # an architecture torch.fx cannot trace: export unfused, weights in fp32
         log.warning("conv-bn fusion failed (%s); exporting fp32 weights", exc)
         return wrapper, False
-    round_weights_to_fp16(fused)
-    return fused.eval(), True
+    if fp16:
+        round_weights_to_fp16(fused)
+    return fused.eval(), fp16
+
+
+def quantize_int8(src: Path, dst: Path, calib: np.ndarray, batch: int = 16) -> None:
+    """Static int8 quantisation (onnxruntime QDQ, per-channel weights, min-max activation ranges from ``calib``,
+    normalised training images). The classifier layer stays fp32: it is tiny and feeds the logits directly."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter({"input": calib[i : i + batch]} for i in range(0, len(calib), batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    pre = dst.with_name("pre-quant.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    head = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Gemm", "MatMul")]
+    quantize_static(
+        str(pre),
+        str(dst),
+        Batches(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=head,
+    )
+    pre.unlink()
 
 
 def to_onnx(module: torch.nn.Module, spec: PreprocessSpec, path: Path) -> None:
@@ -187,8 +218,25 @@ def calibrate(
     return summary, extras
 
 
-def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> dict[str, Any]:
-    """Write a verified, calibrated bundle to ``out_dir``; returns its model.json content."""
+QUANTIZE = ("int8", "none")
+INT8_CALIB_IMAGES = 256
+
+
+def export_bundle(
+    ckpt: Path,
+    out_dir: Path,
+    manifest: Path | None = None,
+    quantize: str = "int8",
+    max_accuracy_drop: float = 0.005,
+) -> dict[str, Any]:
+    """Write a verified, calibrated bundle to ``out_dir``; returns its model.json content.
+
+    The ONNX graph is first checked against torch (``PARITY_TOL``). With ``quantize="int8"`` it is then quantised
+    statically and kept only if validation accuracy drops by at most ``max_accuracy_drop``; with ``"none"`` its
+    weights are stored as fp16 (computed in fp32).
+    """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
     model, cfg, spec = load_checkpoint(Path(ckpt))
     original = copy.deepcopy(model)  # as trained, before fp16 rounding
     manifest = Path(manifest or cfg["data"]["manifest"])
@@ -196,7 +244,7 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
     images = build_cache(df, spec, Path(cfg["data"].get("cache_dir", Path(out_dir) / ".cache")))
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        module, fp16 = export_module(model)
+        module, fp16 = export_module(model, fp16=quantize == "none")
         to_onnx(module, spec, tmp / "model.onnx")
         if fp16:
             store_weights_fp16(tmp / "model.onnx")
@@ -217,6 +265,12 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
         meta["weights"] = "fp16 (conv-bn fused, computed in fp32)" if fp16 else "fp32"
         if fp16:  # effect of fp16 weight storage against the checkpoint as trained
             meta["fp16_rounding_max_prob_diff"] = max_prob_diff(FeatureExport(original).eval(), engine, x)
+        if quantize == "int8":
+            meta["quantization"] = _quantize(engine, tmp, df, images, label_indices(df), spec, max_accuracy_drop, cfg)
+            meta["weights"] = "int8 (static QDQ, per-channel; classifier fp32)"
+            meta["onnx_sha256"] = sha256_file(tmp / "model.onnx")
+            (tmp / "model.json").write_text(json.dumps(meta))
+            engine = Engine(tmp)
         cal, ood = calibrate(engine, df, images, spec, seed=int(cfg.get("seed", 0)))
         np.savez(tmp / "extras.npz", **extras, **ood)
         meta.update(cal)
@@ -225,6 +279,38 @@ def export_bundle(ckpt: Path, out_dir: Path, manifest: Path | None = None) -> di
         Engine(tmp)  # re-open: the hashes and spec must check out
     log.info("bundle written to %s (parity %.1e)", out_dir, meta["parity_max_prob_diff"])
     return meta
+
+
+def _quantize(engine, folder, df, images, labels, spec, max_drop, cfg) -> dict[str, Any]:
+    """Replace folder/model.onnx by its int8 version if validation accuracy holds; ExportError otherwise."""
+    va = np.flatnonzero(df["split"] == "val")
+    tr = np.flatnonzero(df["split"] == "train")
+    pick = np.sort(np.random.default_rng(int(cfg.get("seed", 0))).choice(tr, min(INT8_CALIB_IMAGES, len(tr)), False))
+    before, _, _ = infer_cached(engine, images[va], spec)
+    quantize_int8(folder / "model.onnx", folder / "int8.onnx", normalise(np.asarray(images[pick]), spec))
+    fp32_bytes = (folder / "model.onnx").stat().st_size
+    (folder / "int8.onnx").replace(folder / "model.onnx")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["onnx_sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "model.json").write_text(json.dumps(meta))
+    after, _, _ = infer_cached(Engine(folder), images[va], spec)
+    acc_fp32 = float((before.argmax(1) == labels[va]).mean())
+    acc_int8 = float((after.argmax(1) == labels[va]).mean())
+    p_before, p_after = (torch.softmax(torch.from_numpy(v), 1).numpy() for v in (before, after))
+    if acc_fp32 - acc_int8 > max_drop:
+        raise ExportError(
+            f"int8 quantisation costs {100 * (acc_fp32 - acc_int8):.2f} points of validation accuracy "
+            f"(> {100 * max_drop:.2f}); export with --quantize none"
+        )
+    return {
+        "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, min-max",
+        "calibration_images": int(len(pick)),
+        "val_accuracy_fp32": acc_fp32,
+        "val_accuracy_int8": acc_int8,
+        "val_top1_agreement": float((before.argmax(1) == after.argmax(1)).mean()),
+        "val_max_prob_diff": float(np.abs(p_before - p_after).max()),
+        "fp32_onnx_bytes": fp32_bytes,
+    }
 
 
 def _base_meta(cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: torch.nn.Module) -> dict[str, Any]:
