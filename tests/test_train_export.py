@@ -190,3 +190,19 @@ def test_class_fraction_keeps_a_seeded_share_of_one_class(smoke_manifest: Path, 
     _, _, summary_full = build_loaders(full, ps)
     assert summary["counts"]["train"]["covid"] == round(summary_full["counts"]["train"]["covid"] * 0.5)
     assert summary["counts"]["train"]["normal"] == summary_full["counts"]["train"]["normal"]
+
+
+def test_weight_ema_is_validated_and_exported(smoke_manifest: Path, tmp_path: Path):
+    from cxr_triage.train import train
+
+    run = train(smoke_config(tmp_path, smoke_manifest, extra=["trainer.max_epochs=1", "model.ema_decay=0.9"]))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    ema = {k.removeprefix("ema.module."): v for k, v in ckpt.items() if k.startswith("ema.module.")}
+    raw = {k.removeprefix("model."): v for k, v in ckpt.items() if k.startswith("model.")}
+    assert ema.keys() == raw.keys()
+    key = "conv1.weight"
+    assert not torch.equal(ema[key], raw[key]), "the EMA never moved away from (or never lagged) the raw weights"
+    best = torch.load(run / "best.pt", weights_only=True)["state_dict"]
+    assert torch.equal(best[key], ema[key])  # one epoch: best == last, and what ships is the EMA
+    model, _, _ = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert torch.equal(model.state_dict()[key], ema[key])

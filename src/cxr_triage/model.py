@@ -85,7 +85,9 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], PreprocessSp
         raise CheckpointError(f"{path} is not a safe cxr-triage checkpoint ({type(exc).__name__}: {exc})") from None
     if "state_dict" in payload and "hyper_parameters" in payload:  # Lightning checkpoint
         cfg = payload["hyper_parameters"]["config"]
-        state = {k.removeprefix("model."): v for k, v in payload["state_dict"].items() if k.startswith("model.")}
+        sd = payload["state_dict"]
+        prefix = "ema.module." if any(k.startswith("ema.module.") for k in sd) else "model."  # EMA weights win
+        state = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
         spec = PreprocessSpec.from_dict(cfg["preprocess"])
     elif payload.get("format") == "cxr-triage-checkpoint/1":
         if list(payload.get("classes", [])) != list(CLASS_IDS):

@@ -62,12 +62,24 @@ class Classifier(L.LightningModule):
         if m.get("init_from"):
             state = torch.load(m["init_from"], map_location="cpu", weights_only=True)["state_dict"]
             self.model.load_state_dict(state)
+        # Exponential moving average of the weights (timm): validated, checkpointed and exported instead of the
+        # raw weights, which swing from epoch to epoch at this learning rate and batch size.
+        self.ema = None
+        if float(m.get("ema_decay") or 0) > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=float(m["ema_decay"]), use_warmup=True, warmup_power=0.75)
+            self.ema.requires_grad_(False)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=config["optim"]["label_smoothing"])
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_f1 = torchmetrics.classification.MulticlassF1Score(NUM_CLASSES, average="none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
@@ -77,7 +89,8 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
-        logits = self(x).float()
+        net = self.ema.module if self.ema is not None else self.model
+        logits = net(x.contiguous(memory_format=torch.channels_last)).float()
         self.log("val/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
         self.val_acc.update(logits, y)
         self.val_f1.update(logits, y)
@@ -93,7 +106,7 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg["optim"]
-        opt = torch.optim.AdamW(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = min(total - 1, int(total * o["warmup_epochs"] / max(1, self.trainer.max_epochs)))
 
