@@ -1,6 +1,7 @@
 """Inference speed (issue 6): the shipped bundle against PyTorch eager and a DenseNet-121 reference, in one run.
 
 Usage: python benchmarks/inference.py [--runs 200] [--quick] [--json out.json] [--skip-cold] [--skip-options]
+                                     [--compare OTHER_BUNDLE]
 
 Measures, side by side in one process (candidates are interleaved round by round, because this machine's speed
 drifts): batch-1 latency (median, p90) and batch-32 throughput of
@@ -102,7 +103,7 @@ def fmt_row(name: str, s: dict[str, float]) -> str:
     return f"| {name} | {s['median_ms']:.2f} | {s['p90_ms']:.2f} | {s['img_per_s']:.1f} | {s['n']} |"
 
 
-def model_benchmarks(runs: int, quick: bool, results: dict) -> None:
+def model_benchmarks(runs: int, quick: bool, results: dict, compare: Path | None = None) -> None:
     import onnxruntime as ort
     import timm
     import torch
@@ -113,6 +114,10 @@ def model_benchmarks(runs: int, quick: bool, results: dict) -> None:
     torch.manual_seed(0)
     engine = Engine()
     size = engine.spec.size
+    other = Engine(compare) if compare else None
+    results["env"]["shipped_weights"] = engine.meta.get("weights", "")
+    if other is not None:
+        results["env"]["compare"] = f"{compare} ({other.meta.get('weights', '')})"
     results["env"].update(
         torch=torch.__version__,
         onnxruntime=ort.__version__,
@@ -143,8 +148,10 @@ def model_benchmarks(runs: int, quick: bool, results: dict) -> None:
     for batch, n in ((1, runs), (32, 6 if quick else 20)):
         xo, to = inputs(batch, size)
         xd, td = inputs(batch, 224)
+        xc = inputs(batch, other.spec.size)[0] if other is not None else None
         fns = {
             "ours ORT (shipped bundle)": (lambda xo=xo: engine.forward(xo)),
+            **({"ours ORT (--compare bundle)": (lambda xc=xc: other.forward(xc))} if other is not None else {}),
             "ours eager fp32": torch_fn(ours, to, False),
             "ours eager bf16": torch_fn(ours, to, True),
             "DenseNet-121 ORT": ort_fn(dense_sess, xd),
@@ -174,19 +181,25 @@ def model_benchmarks(runs: int, quick: bool, results: dict) -> None:
         "b32 ours ORT / DenseNet ORT (img/s)": b32["ours ORT (shipped bundle)"]["img_per_s"]
         / b32["DenseNet-121 ORT"]["img_per_s"],
     }
+    if other is not None:
+        results["ratios"]["b1 --compare / shipped (ms)"] = b1["ours ORT (--compare bundle)"]["median_ms"] / ours_ort
+        results["ratios"]["b32 shipped / --compare (img/s)"] = (
+            b32["ours ORT (shipped bundle)"]["img_per_s"] / b32["ours ORT (--compare bundle)"]["img_per_s"]
+        )
+        results["_other"] = other
     print("\nratios:")
     for k, v in results["ratios"].items():
         print(f"  {k}: {v:.2f}x")
     results["_engine"] = engine
 
 
-def options_benchmark(runs: int, results: dict) -> None:
+def options_benchmark(runs: int, results: dict, size: int) -> None:
     """Batch-1 latency of the shipped model under onnxruntime session options, interleaved."""
     from cxr_triage.engine import default_bundle_dir
 
     path = str(default_bundle_dir() / "model.onnx")
-    x = np.random.default_rng(1).standard_normal((1, 1, 160, 160), dtype=np.float32)
-    x32 = np.random.default_rng(2).standard_normal((32, 1, 160, 160), dtype=np.float32)
+    x = np.random.default_rng(1).standard_normal((1, 1, size, size), dtype=np.float32)
+    x32 = np.random.default_rng(2).standard_normal((32, 1, size, size), dtype=np.float32)
     configs = {
         "2 threads, ALL, spin (= Engine)": (2, "ALL", None),
         "1 thread, ALL": (1, "ALL", None),
@@ -206,7 +219,7 @@ def options_benchmark(runs: int, results: dict) -> None:
         print(f"| {k} | {v['b1']['median_ms']:.2f} | {v['b1']['p90_ms']:.2f} | {b32} |")
 
 
-def end_to_end(results: dict, engine, quick: bool) -> None:
+def end_to_end(results: dict, engine, quick: bool, key: str = "end_to_end") -> None:
     from cxr_triage.predict import _load, predict_paths
 
     files = sorted(str(p) for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -223,16 +236,18 @@ def end_to_end(results: dict, engine, quick: bool) -> None:
         for p in paths:
             _load(p, engine.spec)
         dec.append(time.perf_counter() - t0)
-    results["end_to_end"] = {
+    results[key] = {
+        "bundle_weights": engine.meta.get("weights", ""),
         "images": len(paths),
         "distinct_files": len(files),
         "img_per_s_median": len(paths) / statistics.median(e2e),
         "img_per_s_all": [round(len(paths) / t, 1) for t in e2e],
         "decode_only_1_thread_img_per_s": len(paths) / statistics.median(dec),
     }
-    r = results["end_to_end"]
+    r = results[key]
     print(
-        f"\nend to end predict_paths, {len(paths)} paths ({len(files)} files repeated), batch 32, 2 decode threads: "
+        f"\n{key} ({r['bundle_weights']}) predict_paths, {len(paths)} paths ({len(files)} files repeated), "
+        "batch 32, 2 decode threads: "
         f"{r['img_per_s_median']:.1f} img/s (runs: {r['img_per_s_all']}); "
         f"decode alone (1 thread): {r['decode_only_1_thread_img_per_s']:.1f} img/s"
     )
@@ -304,6 +319,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write all numbers here")
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument("--compare", type=Path, help="a second bundle (e.g. the fp16 export) measured side by side")
     a = ap.parse_args()
     runs = 20 if a.quick else a.runs
     results: dict = {
@@ -315,12 +331,14 @@ def main() -> None:
         }
     }
     print("cpu:", results["env"]["cpu"], f"| {os.cpu_count()} logical cores")
-    model_benchmarks(runs, a.quick, results)
-    engine = results.pop("_engine")
+    model_benchmarks(runs, a.quick, results, a.compare)
+    engine, other = results.pop("_engine"), results.pop("_other", None)
     print(json.dumps(results["env"]))
     end_to_end(results, engine, a.quick)
+    if other is not None:
+        end_to_end(results, other, a.quick, key="end_to_end_compare")
     if not a.skip_options:
-        options_benchmark(runs, results)
+        options_benchmark(runs, results, engine.spec.size)
     if not a.skip_cold:
         cold_start(results, 3 if a.quick else 10)
     if a.json:

@@ -15,15 +15,20 @@ import torch
 DEFAULT = ["resnet18:160", "resnet18:192", "resnet18:224", "resnet18d:192", "resnet26:160"]
 
 
-def measure(arch: str, size: int, batch: int, steps: int, bf16: bool, channels_last: bool) -> float:
+def measure(
+    arch: str, size: int, batch: int, steps: int, bf16: bool, channels_last: bool, compile: bool = False
+) -> float:
     model = timm.create_model(arch, in_chans=1, num_classes=4)
     opt = torch.optim.AdamW(model.parameters())
     x, y = torch.randn(batch, 1, size, size), torch.randint(0, 4, (batch,))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    for i in range(steps + 1):
-        if i == 1:
+    if compile:
+        model = torch.compile(model)
+    warm = 3 if compile else 1  # the first compiled steps build the kernels
+    for i in range(steps + warm):
+        if i == warm:
             t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -40,12 +45,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--fp32", action="store_true")
     ap.add_argument("--no-channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {a.batch}, bf16 {not a.fp32}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {a.batch}, bf16 {not a.fp32}, "
+        f"channels-last {not a.no_channels_last}, compile {a.compile}"
+    )
     for c in a.candidates:
         arch, size = c.split(":")
-        ips = measure(arch, int(size), a.batch, a.steps, not a.fp32, not a.no_channels_last)
-        print(f"{arch:12s} {size:>4s} px  {ips:6.1f} img/s")
+        ips = measure(arch, int(size), a.batch, a.steps, not a.fp32, not a.no_channels_last, a.compile)
+        print(f"{arch:12s} {size:>4s} px  {ips:6.1f} img/s{'  (torch.compile)' if a.compile else ''}")
 
 
 if __name__ == "__main__":
