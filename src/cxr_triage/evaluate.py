@@ -155,7 +155,7 @@ def resolve_bundle(model: Path, workdir: Path, manifest: Path | None = None) -> 
     from cxr_triage.export import export_bundle  # torch only on this path
 
     log.info("exporting %s to a temporary bundle", model)
-    export_bundle(model, workdir / "bundle", manifest=manifest)
+    export_bundle(model, workdir / "bundle", manifest=manifest, quantize="none")  # as trained: no int8
     return workdir / "bundle"
 
 

@@ -1,0 +1,60 @@
+"""Validation metrics of several checkpoints side by side (PyTorch, fp32, decoded cache): which one to ship.
+
+Usage: python benchmarks/compare_checkpoints.py CKPT[:raw] ... [--manifest runs/data/manifest.csv] [--split val]
+
+A Lightning checkpoint of a run with weight EMA holds both the EMA weights (what `load_checkpoint` returns and what
+export ships) and the raw weights; append `:raw` to score the raw ones. Only the validation split is used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_triage.classes import CLASS_IDS
+from cxr_triage.data import build_cache, label_indices
+from cxr_triage.manifest import load_manifest
+from cxr_triage.metrics import classification_metrics
+from cxr_triage.model import load_checkpoint
+from cxr_triage.preprocess import normalise
+
+
+def raw_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--manifest", type=Path, default=Path("runs/data/manifest.csv"))
+    ap.add_argument("--split", default="val")
+    a = ap.parse_args()
+    df = load_manifest(a.manifest)
+    rows = np.flatnonzero(df["split"] == a.split)
+    y = label_indices(df)[rows]
+    print(f"| checkpoint | {a.split} acc | macro-F1 | " + " | ".join(f"F1 {c}" for c in CLASS_IDS) + " |")
+    print("|---" * (3 + len(CLASS_IDS)) + "|")
+    for item in a.checkpoints:
+        path, _, mode = item.partition(":")
+        model, _, spec = load_checkpoint(Path(path))
+        if mode == "raw":
+            raw_weights(model, Path(path))
+        images = build_cache(df, spec, Path("runs/cache"))
+        with torch.inference_mode():
+            logits = np.concatenate(
+                [
+                    model(torch.from_numpy(normalise(np.asarray(images[rows[i : i + 128]]), spec))).numpy()
+                    for i in range(0, len(rows), 128)
+                ]
+            )
+        m = classification_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy())
+        f1 = " | ".join(f"{m['per_class'][c]['f1']:.3f}" for c in CLASS_IDS)
+        print(f"| {item} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {f1} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
