@@ -206,3 +206,34 @@ def test_weight_ema_is_validated_and_exported(smoke_manifest: Path, tmp_path: Pa
     assert torch.equal(best[key], ema[key])  # one epoch: best == last, and what ships is the EMA
     model, _, _ = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert torch.equal(model.state_dict()[key], ema[key])
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path: Path):
+    """--resume must continue after the last finished epoch, not after the best one."""
+    import lightning as L
+
+    from cxr_triage.train import checkpoint_callbacks
+
+    class Flat(L.LightningModule):  # validation never improves: only epoch 0 is ever "best"
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val/macro_f1", 0.5)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    best, latest = checkpoint_callbacks(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=3, callbacks=[best, latest], logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(Flat(), data, data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert Path(best.best_model_path).name == "best-epoch=00.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]

@@ -236,6 +236,19 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
 
 
+def checkpoint_callbacks(ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """(best by validation macro-F1, last.ckpt rewritten after every epoch for --resume).
+
+    Lightning's ``save_last=True`` rewrites last.ckpt only in epochs that also save a best checkpoint, so a kill
+    after a few non-improving epochs would resume from the best epoch and redo the rest; hence a second callback.
+    """
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/macro_f1", mode="max")
+    latest = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
+    return best, latest
+
+
 def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     """Run training; returns the run directory (holding best.pt)."""
     L.seed_everything(int(cfg["seed"]), workers=True)
@@ -250,14 +263,7 @@ def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
     train_dl, val_dl, summary = build_loaders(cfg, spec)
     t = cfg["trainer"]
-    best = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-{epoch:02d}",
-        monitor="val/macro_f1",
-        mode="max",
-        save_last=True,
-        save_top_k=1,
-    )
+    best, latest = checkpoint_callbacks(ckpt_dir)
     trainer = L.Trainer(
         max_epochs=t["max_epochs"],
         precision=resolve_precision(t["precision"]),
@@ -273,6 +279,7 @@ def train(cfg: dict[str, Any], resume: bool = False) -> Path:
         logger=CSVLogger(run_dir, name="logs"),  # a new version_N per (re)start: nothing overwritten
         callbacks=[
             best,
+            latest,
             EarlyStopping("val/macro_f1", mode="max", patience=t["patience"]),
             LearningRateMonitor("step"),
             History(run_dir),
