@@ -41,7 +41,7 @@ clean:
 # --- the shipped model, end to end (needs ../shared/data; about 1.5 h on a 2-core CPU) ---
 DATASET ?= ../shared/data/COVID-19_Radiography_Dataset
 EXTERNAL ?= ../shared/data/external
-RUN ?= r18-160-ema
+RUN ?= r18-160
 BUNDLE := src/cxr_triage/assets/model
 
 .PHONY: data eda train-model bundle reports
