@@ -237,3 +237,15 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path: 
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
     assert Path(best.best_model_path).name == "best-epoch=00.ckpt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=00.ckpt", "last.ckpt"]
+
+
+def test_export_can_ship_another_border_trim(smoke_run: Path, tmp_path: Path):
+    from cxr_triage.export import export_bundle
+
+    _, _, trained = load_checkpoint(smoke_run / "best.pt")
+    meta = export_bundle(smoke_run / "best.pt", tmp_path / "b", quantize="none", border=0.1)
+    assert trained.border != 0.1
+    assert meta["preprocess"]["border"] == 0.1 and Engine(tmp_path / "b").spec.border == 0.1
+    assert meta["inference_border"] == {"trained": trained.border, "used": 0.1, "chosen_on": "validation"}
+    with pytest.raises(ValueError, match="border must be in"):
+        export_bundle(smoke_run / "best.pt", tmp_path / "c", quantize="none", border=0.3)

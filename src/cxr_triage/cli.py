@@ -139,13 +139,16 @@ def export(
     max_accuracy_drop: Annotated[
         float, typer.Option(help="Largest validation accuracy loss int8 may cost (0.005 = half a point).")
     ] = 0.005,
+    border: Annotated[
+        float | None, typer.Option(help="Inference border trim, if not the trained one (choose it on validation).")
+    ] = None,
 ) -> None:
     """Export a checkpoint to a verified, calibrated ONNX bundle (model.onnx, extras.npz, model.json)."""
     from cxr_triage.export import ExportError, export_bundle
     from cxr_triage.model import CheckpointError
 
     try:
-        meta = export_bundle(ckpt, out, manifest, quantize=quantize, max_accuracy_drop=max_accuracy_drop)
+        meta = export_bundle(ckpt, out, manifest, quantize=quantize, max_accuracy_drop=max_accuracy_drop, border=border)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     console.print(

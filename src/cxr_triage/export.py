@@ -6,6 +6,7 @@ Calibration uses only the validation split (and a sample of the training split f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -228,16 +229,21 @@ def export_bundle(
     manifest: Path | None = None,
     quantize: str = "int8",
     max_accuracy_drop: float = 0.005,
+    border: float | None = None,
 ) -> dict[str, Any]:
     """Write a verified, calibrated bundle to ``out_dir``; returns its model.json content.
 
     The ONNX graph is first checked against torch (``PARITY_TOL``). With ``quantize="int8"`` it is then quantised
     statically and kept only if validation accuracy drops by at most ``max_accuracy_drop``; with ``"none"`` its
-    weights are stored as fp16 (computed in fp32).
+    weights are stored as fp16 (computed in fp32). ``border`` replaces the trained border trim at inference (a
+    test-time crop chosen on validation: training's random resized crops show the network slightly zoomed-in images).
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
     model, cfg, spec = load_checkpoint(Path(ckpt))
+    trained_border = spec.border
+    if border is not None:
+        spec = dataclasses.replace(spec, border=float(border))
     original = copy.deepcopy(model)  # as trained, before fp16 rounding
     manifest = Path(manifest or cfg["data"]["manifest"])
     df = load_manifest(manifest)
@@ -256,6 +262,8 @@ def export_bundle(
         }
         np.savez(tmp / "extras.npz", **extras)
         meta = _base_meta(cfg, spec, tmp, model)
+        if spec.border != trained_border:
+            meta["inference_border"] = {"trained": trained_border, "used": spec.border, "chosen_on": "validation"}
         (tmp / "model.json").write_text(json.dumps(meta))
         engine = Engine(tmp)
         va = np.flatnonzero(df["split"] == "val")[:32]
