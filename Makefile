@@ -43,6 +43,8 @@ DATASET ?= ../shared/data/COVID-19_Radiography_Dataset
 EXTERNAL ?= ../shared/data/external
 RUN ?= r18-160
 BUNDLE := src/cxr_triage/assets/model
+# inference border trim, chosen on validation (benchmarks/RESULTS.md)
+BORDER ?= 0.06
 
 .PHONY: data eda train-model bundle reports
 data: $(VENV)/.full
@@ -52,7 +54,7 @@ eda: data
 train-model: $(VENV)/.full
 	$(BIN)/cxr-triage train --config configs/default.yaml name=$(RUN)
 bundle: $(VENV)/.full
-	$(BIN)/cxr-triage export runs/$(RUN)/best.pt --out $(BUNDLE)
+	$(BIN)/cxr-triage export runs/$(RUN)/best.pt --out $(BUNDLE) --border $(BORDER)
 reports: $(VENV)/.full
 	$(BIN)/cxr-triage evaluate --model $(BUNDLE) --data runs/data/manifest.csv --split test --out reports/test --record
 	$(BIN)/cxr-triage evaluate --model $(BUNDLE) --data $(EXTERNAL) --out reports/external
