@@ -25,11 +25,6 @@ from cxr_triage.model import load_checkpoint
 from cxr_triage.preprocess import normalise
 
 
-def raw_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
@@ -44,12 +39,10 @@ def main() -> None:
     print("|---" * (4 + len(CLASS_IDS)) + "|")
     for item in a.checkpoints:
         path, _, mode = item.partition(":")
-        model, _, spec = load_checkpoint(Path(path))
-        if mode == "raw":
-            raw_weights(model, Path(path))
+        model, cfg, spec = load_checkpoint(Path(path), raw=mode == "raw")
         for border in a.border or [spec.border]:
             spec_b = dataclasses.replace(spec, border=border)
-            images = build_cache(df, spec_b, Path("runs/cache"))
+            images = build_cache(df, spec_b, Path(cfg["data"]["cache_dir"]))
             with torch.inference_mode():
                 logits = np.concatenate(
                     [

@@ -34,6 +34,7 @@ from cxr_triage.engine import (
     ood_scores,
     pixel_residual,
     sha256_file,
+    softmax,
     thumbnails,
 )
 from cxr_triage.manifest import atomic_dir, load_manifest
@@ -274,11 +275,7 @@ def export_bundle(
         if fp16:  # effect of fp16 weight storage against the checkpoint as trained
             meta["fp16_rounding_max_prob_diff"] = max_prob_diff(FeatureExport(original).eval(), engine, x)
         if quantize == "int8":
-            meta["quantization"] = _quantize(engine, tmp, df, images, label_indices(df), spec, max_accuracy_drop, cfg)
-            meta["weights"] = "int8 (static QDQ, per-channel; classifier fp32)"
-            meta["onnx_sha256"] = sha256_file(tmp / "model.onnx")
-            (tmp / "model.json").write_text(json.dumps(meta))
-            engine = Engine(tmp)
+            engine = _quantize(engine, tmp, meta, df, images, spec, max_accuracy_drop, int(cfg.get("seed", 0)))
         cal, ood = calibrate(engine, df, images, spec, seed=int(cfg.get("seed", 0)))
         np.savez(tmp / "extras.npz", **extras, **ood)
         meta.update(cal)
@@ -289,36 +286,48 @@ def export_bundle(
     return meta
 
 
-def _quantize(engine, folder, df, images, labels, spec, max_drop, cfg) -> dict[str, Any]:
-    """Replace folder/model.onnx by its int8 version if validation accuracy holds; ExportError otherwise."""
+def _quantize(
+    engine: Engine,
+    folder: Path,
+    meta: dict[str, Any],
+    df,
+    images: np.ndarray,
+    spec: PreprocessSpec,
+    max_drop: float,
+    seed: int,
+) -> Engine:
+    """Replace folder/model.onnx by its int8 version (recorded in ``meta``) if validation accuracy holds; returns
+    the engine on the int8 graph. ExportError otherwise."""
+    labels = label_indices(df)
     va = np.flatnonzero(df["split"] == "val")
     tr = np.flatnonzero(df["split"] == "train")
-    pick = np.sort(np.random.default_rng(int(cfg.get("seed", 0))).choice(tr, min(INT8_CALIB_IMAGES, len(tr)), False))
+    pick = np.sort(np.random.default_rng(seed).choice(tr, min(INT8_CALIB_IMAGES, len(tr)), False))
     before, _, _ = infer_cached(engine, images[va], spec)
     quantize_int8(folder / "model.onnx", folder / "int8.onnx", normalise(np.asarray(images[pick]), spec))
     fp32_bytes = (folder / "model.onnx").stat().st_size
     (folder / "int8.onnx").replace(folder / "model.onnx")
-    meta = json.loads((folder / "model.json").read_text())
     meta["onnx_sha256"] = sha256_file(folder / "model.onnx")
+    meta["weights"] = "int8 (static QDQ, per-channel; classifier fp32)"
     (folder / "model.json").write_text(json.dumps(meta))
-    after, _, _ = infer_cached(Engine(folder), images[va], spec)
+    int8 = Engine(folder)
+    after, _, _ = infer_cached(int8, images[va], spec)
     acc_fp32 = float((before.argmax(1) == labels[va]).mean())
     acc_int8 = float((after.argmax(1) == labels[va]).mean())
-    p_before, p_after = (torch.softmax(torch.from_numpy(v), 1).numpy() for v in (before, after))
     if acc_fp32 - acc_int8 > max_drop:
         raise ExportError(
             f"int8 quantisation costs {100 * (acc_fp32 - acc_int8):.2f} points of validation accuracy "
             f"(> {100 * max_drop:.2f}); export with --quantize none"
         )
-    return {
+    meta["quantization"] = {
         "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, min-max",
         "calibration_images": int(len(pick)),
         "val_accuracy_fp32": acc_fp32,
         "val_accuracy_int8": acc_int8,
         "val_top1_agreement": float((before.argmax(1) == after.argmax(1)).mean()),
-        "val_max_prob_diff": float(np.abs(p_before - p_after).max()),
+        "val_max_prob_diff": float(np.abs(softmax(before) - softmax(after)).max()),
         "fp32_onnx_bytes": fp32_bytes,
     }
+    return int8
 
 
 def _base_meta(cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: torch.nn.Module) -> dict[str, Any]:

@@ -74,8 +74,10 @@ def save_checkpoint(
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], PreprocessSpec]:
-    """Load a cxr-triage checkpoint (or a Lightning .ckpt of this project) without unpickling code."""
+def load_checkpoint(path: Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any], PreprocessSpec]:
+    """Load a cxr-triage checkpoint (or a Lightning .ckpt of this project) without unpickling code.
+
+    A Lightning checkpoint of a run with weight EMA holds both weight sets: the EMA ones unless ``raw``."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -86,7 +88,8 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], PreprocessSp
     if "state_dict" in payload and "hyper_parameters" in payload:  # Lightning checkpoint
         cfg = payload["hyper_parameters"]["config"]
         sd = payload["state_dict"]
-        prefix = "ema.module." if any(k.startswith("ema.module.") for k in sd) else "model."  # EMA weights win
+        has_ema = any(k.startswith("ema.module.") for k in sd)
+        prefix = "ema.module." if has_ema and not raw else "model."
         state = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
         spec = PreprocessSpec.from_dict(cfg["preprocess"])
     elif payload.get("format") == "cxr-triage-checkpoint/1":
