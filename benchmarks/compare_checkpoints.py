@@ -1,28 +1,47 @@
 """Validation metrics of several checkpoints side by side (PyTorch, fp32, decoded cache): which one to ship.
 
 Usage: python benchmarks/compare_checkpoints.py CKPT[:raw] ... [--manifest runs/data/manifest.csv] [--split val]
-                                                [--border B ...]
+                                                [--border B ...] [--size S ...] [--ensemble]
 
 A Lightning checkpoint of a run with weight EMA holds both the EMA weights (what `load_checkpoint` returns and what
 export ships) and the raw weights; append `:raw` to score the raw ones. `--border` scores each checkpoint with other
-border trims (the test-time crop that `cxr-triage export --border` can ship). Only the validation split is used.
+border trims (the test-time crop that `cxr-triage export --border` can ship) and `--size` with other input sizes (a
+net trained on random crops often scores better a little above its training size). `--ensemble` adds a row for the mean
+probabilities of every combination of the views scored (test-time augmentation / model ensembles). Only the validation
+split is used.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from cxr_triage.classes import CLASS_IDS
 from cxr_triage.data import build_cache, label_indices
+from cxr_triage.engine import softmax
 from cxr_triage.manifest import load_manifest
 from cxr_triage.metrics import classification_metrics
 from cxr_triage.model import load_checkpoint
-from cxr_triage.preprocess import normalise
+from cxr_triage.preprocess import PreprocessSpec, normalise
+
+
+def view_probs(model: torch.nn.Module, spec: PreprocessSpec, df: pd.DataFrame, cache_dir: Path) -> np.ndarray:
+    """Softmax of one checkpoint on every row of ``df`` at one preprocessing spec (fp32, batches of 128)."""
+    images = build_cache(df, spec, cache_dir)
+    with torch.inference_mode():
+        logits = np.concatenate(
+            [
+                model(torch.from_numpy(normalise(np.asarray(images[i : i + 128]), spec))).numpy()
+                for i in range(0, len(df), 128)
+            ]
+        )
+    return softmax(logits)
 
 
 def main() -> None:
@@ -31,28 +50,35 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, default=Path("runs/data/manifest.csv"))
     ap.add_argument("--split", default="val")
     ap.add_argument("--border", type=float, nargs="*", default=[], help="border trims to try (default: as trained)")
+    ap.add_argument("--size", type=int, nargs="*", default=[], help="input sizes to try (default: as trained)")
+    ap.add_argument("--ensemble", action="store_true", help="also score the mean probabilities of every set of views")
     a = ap.parse_args()
     df = load_manifest(a.manifest)
-    rows = np.flatnonzero(df["split"] == a.split)
-    y = label_indices(df)[rows]
-    print(f"| checkpoint | border | {a.split} acc | macro-F1 | " + " | ".join(f"F1 {c}" for c in CLASS_IDS) + " |")
-    print("|---" * (4 + len(CLASS_IDS)) + "|")
+    part = df[df["split"] == a.split].reset_index(drop=True)
+    y = label_indices(part)
+
+    def row(name: str, probs: np.ndarray) -> None:
+        m = classification_metrics(y, probs)
+        f1 = " | ".join(f"{m['per_class'][c]['f1']:.3f}" for c in CLASS_IDS)
+        print(f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {f1} |", flush=True)
+
+    print(
+        f"| checkpoint @ size @ border | {a.split} acc | macro-F1 | " + " | ".join(f"F1 {c}" for c in CLASS_IDS) + " |"
+    )
+    print("|---" * (3 + len(CLASS_IDS)) + "|")
+    views: dict[str, np.ndarray] = {}
     for item in a.checkpoints:
         path, _, mode = item.partition(":")
         model, cfg, spec = load_checkpoint(Path(path), raw=mode == "raw")
-        for border in a.border or [spec.border]:
-            spec_b = dataclasses.replace(spec, border=border)
-            images = build_cache(df, spec_b, Path(cfg["data"]["cache_dir"]))
-            with torch.inference_mode():
-                logits = np.concatenate(
-                    [
-                        model(torch.from_numpy(normalise(np.asarray(images[rows[i : i + 128]]), spec_b))).numpy()
-                        for i in range(0, len(rows), 128)
-                    ]
-                )
-            m = classification_metrics(y, torch.softmax(torch.from_numpy(logits), 1).numpy())
-            f1 = " | ".join(f"{m['per_class'][c]['f1']:.3f}" for c in CLASS_IDS)
-            print(f"| {item} | {border:g} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {f1} |", flush=True)
+        for size, border in itertools.product(a.size or [spec.size], a.border or [spec.border]):
+            name = f"{item} @ {size} @ {border:g}"
+            spec_v = dataclasses.replace(spec, size=size, border=border)
+            views[name] = view_probs(model, spec_v, part, Path(cfg["data"]["cache_dir"]))
+            row(name, views[name])
+    if a.ensemble:
+        for r in range(2, len(views) + 1):
+            for names in itertools.combinations(views, r):
+                row(" + ".join(names), np.mean([views[n] for n in names], axis=0))
 
 
 if __name__ == "__main__":
