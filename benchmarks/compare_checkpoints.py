@@ -1,14 +1,14 @@
 """Validation metrics of several checkpoints side by side (PyTorch, fp32, decoded cache): which one to ship.
 
-Usage: python benchmarks/compare_checkpoints.py CKPT[:raw] ... [--manifest runs/data/manifest.csv] [--split val]
-                                                [--border B ...] [--size S ...] [--ensemble]
+Usage: python benchmarks/compare_checkpoints.py CKPT[:raw][@SIZE[@BORDER]] ... [--manifest runs/data/manifest.csv]
+                                                [--split val] [--border B ...] [--size S ...] [--ensemble]
 
 A Lightning checkpoint of a run with weight EMA holds both the EMA weights (what `load_checkpoint` returns and what
 export ships) and the raw weights; append `:raw` to score the raw ones. `--border` scores each checkpoint with other
 border trims (the test-time crop that `cxr-triage export --border` can ship) and `--size` with other input sizes (a
-net trained on random crops often scores better a little above its training size). `--ensemble` adds a row for the mean
-probabilities of every combination of the views scored (test-time augmentation / model ensembles). Only the validation
-split is used.
+net trained on random crops often scores better a little above its training size). `CKPT@SIZE@BORDER` names one view
+directly. `--ensemble` adds a row for the mean probabilities of every combination of the views scored (test-time
+augmentation / model ensembles). Only the validation split is used.
 """
 
 from __future__ import annotations
@@ -68,10 +68,13 @@ def main() -> None:
     print("|---" * (3 + len(CLASS_IDS)) + "|")
     views: dict[str, np.ndarray] = {}
     for item in a.checkpoints:
-        path, _, mode = item.partition(":")
+        ckpt, *view = item.split("@")
+        path, _, mode = ckpt.partition(":")
         model, cfg, spec = load_checkpoint(Path(path), raw=mode == "raw")
-        for size, border in itertools.product(a.size or [spec.size], a.border or [spec.border]):
-            name = f"{item} @ {size} @ {border:g}"
+        sizes = [int(view[0])] if view else a.size or [spec.size]
+        borders = [float(view[1])] if len(view) > 1 else a.border or [spec.border]
+        for size, border in itertools.product(sizes, borders):
+            name = f"{ckpt} @ {size} @ {border:g}"
             spec_v = dataclasses.replace(spec, size=size, border=border)
             views[name] = view_probs(model, spec_v, part, Path(cfg["data"]["cache_dir"]))
             row(name, views[name])
