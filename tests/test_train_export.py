@@ -249,3 +249,49 @@ def test_export_can_ship_another_border_trim(smoke_run: Path, tmp_path: Path):
     assert meta["inference_border"] == {"trained": trained.border, "used": 0.1, "chosen_on": "validation"}
     with pytest.raises(ValueError, match="border must be in"):
         export_bundle(smoke_run / "best.pt", tmp_path / "c", quantize="none", border=0.3)
+
+
+def test_ensemble_is_one_gap_linear_network_with_the_mean_logits():
+    from cxr_triage.model import Ensemble
+
+    torch.manual_seed(0)
+    a, b = create_model("resnet18").eval(), create_model("resnet18").eval()
+    ens = Ensemble([a, b]).eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(ens(x).numpy(), ((a(x) + b(x)) / 2).numpy(), atol=1e-5)
+        feats = ens.forward_features(x)
+        assert feats.shape[1] == ens.num_features == a.num_features + b.num_features
+        # the export's wrapper sees an ordinary GAP + linear network: logits from its own features and head
+        logits, f = export_module(ens, fp16=False)[0](x)
+        np.testing.assert_allclose(logits.numpy(), ens(x).numpy(), atol=1e-4)
+        assert f.shape == feats.shape
+
+
+def test_export_writes_an_ensemble_of_checkpoints(smoke_run: Path, smoke_manifest: Path, tmp_path: Path):
+    import dataclasses
+
+    from cxr_triage.export import export_bundle
+    from cxr_triage.model import save_checkpoint
+
+    model, cfg, spec = load_checkpoint(smoke_run / "best.pt")
+    torch.manual_seed(1)
+    other = create_model(cfg["model"]["arch"]).eval()  # a second member with other weights
+    save_checkpoint(tmp_path / "b.pt", other, cfg, spec)
+    meta = export_bundle([smoke_run / "best.pt", tmp_path / "b.pt"], tmp_path / "bundle", quantize="none")
+    assert meta["architecture"].startswith("ensemble of 2") and len(meta["training"]["members"]) == 2
+    assert meta["weights"].startswith("fp16")  # conv+BN fusion traced through both members
+    engine = Engine(tmp_path / "bundle")
+    df = pd.read_csv(smoke_manifest)
+    root = Path(json.loads((smoke_manifest.parent / "manifest.json").read_text())["dataset_root"])
+    x = np.stack([preprocess(root / p, spec) for p in df["path"][:4]])
+    logits, feats = engine.forward(x)
+    with torch.no_grad():
+        mean = ((model(torch.from_numpy(x)) + other(torch.from_numpy(x))) / 2).numpy()
+    np.testing.assert_allclose(logits, mean, atol=5e-2)  # fp16 weight storage moves logits only slightly
+    assert feats.shape[1] == model.num_features + other.num_features
+    assert engine.cam(feats[0], 0).shape == feats.shape[2:]
+    # members must share the preprocessing the bundle records
+    save_checkpoint(tmp_path / "c.pt", other, cfg, dataclasses.replace(spec, size=spec.size * 2))
+    with pytest.raises(CheckpointError, match="other preprocessing"):
+        export_bundle([smoke_run / "best.pt", tmp_path / "c.pt"], tmp_path / "bundle2", quantize="none")

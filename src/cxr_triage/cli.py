@@ -128,7 +128,10 @@ def train(
 
 @app.command()
 def export(
-    ckpt: Annotated[Path, typer.Argument(help="best.pt (or a Lightning .ckpt) from `train`.")],
+    ckpt: Annotated[
+        list[Path],
+        typer.Argument(help="best.pt (or a Lightning .ckpt) from `train`; several: one ensemble (mean logits)."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     manifest: Annotated[
         Path | None, typer.Option(help="Manifest for parity and calibration (default: the run's).")
@@ -143,7 +146,7 @@ def export(
         float | None, typer.Option(help="Inference border trim, if not the trained one (choose it on validation).")
     ] = None,
 ) -> None:
-    """Export a checkpoint to a verified, calibrated ONNX bundle (model.onnx, extras.npz, model.json)."""
+    """Export a checkpoint (or an ensemble of several) to a verified, calibrated ONNX bundle."""
     from cxr_triage.export import ExportError, export_bundle
     from cxr_triage.model import CheckpointError
 

@@ -38,7 +38,7 @@ from cxr_triage.engine import (
     thumbnails,
 )
 from cxr_triage.manifest import atomic_dir, load_manifest
-from cxr_triage.model import FeatureExport, load_checkpoint
+from cxr_triage.model import FeatureExport, load_ensemble
 from cxr_triage.preprocess import PreprocessSpec, normalise, preprocess
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ INT8_CALIB_IMAGES = 256
 
 
 def export_bundle(
-    ckpt: Path,
+    ckpt: Path | list[Path],
     out_dir: Path,
     manifest: Path | None = None,
     quantize: str = "int8",
@@ -238,10 +238,12 @@ def export_bundle(
     statically and kept only if validation accuracy drops by at most ``max_accuracy_drop``; with ``"none"`` its
     weights are stored as fp16 (computed in fp32). ``border`` replaces the trained border trim at inference (a
     test-time crop chosen on validation: training's random resized crops show the network slightly zoomed-in images).
+    Several checkpoints trained with the same preprocessing are exported as one ensemble (mean of their logits).
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
-    model, cfg, spec = load_checkpoint(Path(ckpt))
+    model, configs, spec = load_ensemble([Path(c) for c in ckpt] if isinstance(ckpt, list) else [Path(ckpt)])
+    cfg = configs[0]
     trained_border = spec.border
     if border is not None:
         spec = dataclasses.replace(spec, border=float(border))
@@ -262,7 +264,7 @@ def export_bundle(
             "cam_bias": head.bias.detach().numpy().astype(np.float32),
         }
         np.savez(tmp / "extras.npz", **extras)
-        meta = _base_meta(cfg, spec, tmp, model)
+        meta = _base_meta(configs, spec, tmp, model)
         if spec.border != trained_border:
             meta["inference_border"] = {"trained": trained_border, "used": spec.border, "chosen_on": "validation"}
         (tmp / "model.json").write_text(json.dumps(meta))
@@ -330,11 +332,18 @@ def _quantize(
     return int8
 
 
-def _base_meta(cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: torch.nn.Module) -> dict[str, Any]:
-    arch = cfg["model"]["arch"]
+def _base_meta(
+    configs: list[dict[str, Any]], spec: PreprocessSpec, folder: Path, model: torch.nn.Module
+) -> dict[str, Any]:
+    keys = ("name", "seed", "model", "optim", "trainer", "data")
+    archs = [cfg["model"]["arch"] for cfg in configs]
+    arch = archs[0] if len(archs) == 1 else f"ensemble of {len(archs)}: {' + '.join(archs)} (mean logits)"
+    training = {k: configs[0][k] for k in keys if k in configs[0]}
+    if len(configs) > 1:
+        training = {"members": [{k: cfg[k] for k in keys if k in cfg} for cfg in configs]}
     return {
         "format": BUNDLE_FORMAT,
-        "name": f"cxr-triage-{arch}-{spec.size}",
+        "name": f"cxr-triage-{'-'.join(archs)}-{spec.size}",
         "version": __version__,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "classes": list(CLASS_IDS),
@@ -344,7 +353,7 @@ def _base_meta(cfg: dict[str, Any], spec: PreprocessSpec, folder: Path, model: t
         "preprocess": spec.to_dict(),
         "inputs": {"input": ["batch", 1, spec.size, spec.size]},
         "outputs": {"logits": ["batch", len(CLASS_IDS)], "features": ["batch", "C", "h", "w"]},
-        "training": {k: cfg[k] for k in ("name", "seed", "model", "optim", "trainer", "data") if k in cfg},
+        "training": training,
         "onnx_sha256": sha256_file(folder / "model.onnx"),
         "extras_sha256": sha256_file(folder / "extras.npz"),
         "notice": "Research and education only; not a medical device and not a diagnosis.",

@@ -50,6 +50,35 @@ class FeatureExport(nn.Module):
         return self.model.forward_head(feats), feats
 
 
+class Ensemble(nn.Module):
+    """Networks with GAP + linear heads, averaged in logit space, as one GAP + linear network.
+
+    The members' feature maps are concatenated and the head holds every member's weights divided by their number, so
+    the logits are the members' mean and heatmaps, the feature gate and the export treat it as a single network."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        heads = [m.get_classifier() for m in members]
+        self.num_features = sum(h.in_features for h in heads)
+        self.head = nn.Linear(self.num_features, NUM_CLASSES)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.cat([h.weight for h in heads], 1) / len(heads))
+            self.head.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.forward_features(x) for m in self.members], 1)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Linear:
+        return self.head
+
+
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -103,3 +132,18 @@ def load_checkpoint(path: Path, raw: bool = False) -> tuple[nn.Module, dict[str,
     model.load_state_dict(state)
     model.eval()
     return model, cfg, spec
+
+
+def load_ensemble(paths: list[Path]) -> tuple[nn.Module, list[dict[str, Any]], PreprocessSpec]:
+    """One checkpoint, or several trained with the same preprocessing as an ``Ensemble``; (model, configs, spec)."""
+    if not paths:
+        raise CheckpointError("no checkpoint given")
+    loaded = [load_checkpoint(Path(p)) for p in paths]
+    spec = loaded[0][2]
+    for p, (_, _, other) in zip(paths[1:], loaded[1:], strict=True):
+        if other != spec:
+            raise CheckpointError(f"{p} was trained with other preprocessing ({other}) than {paths[0]} ({spec})")
+    configs = [cfg for _, cfg, _ in loaded]
+    if len(loaded) == 1:
+        return loaded[0][0], configs, spec
+    return Ensemble([m for m, _, _ in loaded]).eval(), configs, spec
