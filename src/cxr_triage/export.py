@@ -242,7 +242,7 @@ def export_bundle(
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
-    model, configs, spec = load_ensemble([Path(c) for c in ckpt] if isinstance(ckpt, list) else [Path(ckpt)])
+    model, configs, spec = load_ensemble(ckpt if isinstance(ckpt, list) else [ckpt])
     cfg = configs[0]
     trained_border = spec.border
     if border is not None:
@@ -338,9 +338,8 @@ def _base_meta(
     keys = ("name", "seed", "model", "optim", "trainer", "data")
     archs = [cfg["model"]["arch"] for cfg in configs]
     arch = archs[0] if len(archs) == 1 else f"ensemble of {len(archs)}: {' + '.join(archs)} (mean logits)"
-    training = {k: configs[0][k] for k in keys if k in configs[0]}
-    if len(configs) > 1:
-        training = {"members": [{k: cfg[k] for k in keys if k in cfg} for cfg in configs]}
+    members = [{k: cfg[k] for k in keys if k in cfg} for cfg in configs]
+    training = members[0] if len(members) == 1 else {"members": members}
     return {
         "format": BUNDLE_FORMAT,
         "name": f"cxr-triage-{'-'.join(archs)}-{spec.size}",
