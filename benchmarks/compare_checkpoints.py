@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.data import build_cache, label_indices
-from cxr_triage.engine import softmax
-from cxr_triage.manifest import load_manifest
-from cxr_triage.metrics import classification_metrics
-from cxr_triage.model import load_checkpoint
-from cxr_triage.preprocess import PreprocessSpec, normalise
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.core.preprocess import PreprocessSpec, normalise
+from cxr_triage.data.manifest import load_manifest
+from cxr_triage.evaluation.metrics import classification_metrics
+from cxr_triage.runtime.engine import softmax
+from cxr_triage.training.datasets import build_cache, label_indices
+from cxr_triage.training.model import load_checkpoint
 
 
 def view_probs(model: torch.nn.Module, spec: PreprocessSpec, df: pd.DataFrame, cache_dir: Path) -> np.ndarray:

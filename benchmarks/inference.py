@@ -108,8 +108,8 @@ def model_benchmarks(runs: int, quick: bool, results: dict, compare: Path | None
     import timm
     import torch
 
-    from cxr_triage.engine import Engine
-    from cxr_triage.model import create_model
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.training.model import create_model
 
     torch.manual_seed(0)
     engine = Engine()
@@ -195,7 +195,7 @@ def model_benchmarks(runs: int, quick: bool, results: dict, compare: Path | None
 
 def options_benchmark(runs: int, results: dict, size: int) -> None:
     """Batch-1 latency of the shipped model under onnxruntime session options, interleaved."""
-    from cxr_triage.engine import default_bundle_dir
+    from cxr_triage.runtime.engine import default_bundle_dir
 
     path = str(default_bundle_dir() / "model.onnx")
     x = np.random.default_rng(1).standard_normal((1, 1, size, size), dtype=np.float32)
@@ -220,7 +220,7 @@ def options_benchmark(runs: int, results: dict, size: int) -> None:
 
 
 def end_to_end(results: dict, engine, quick: bool, key: str = "end_to_end") -> None:
-    from cxr_triage.predict import _load, predict_paths
+    from cxr_triage.runtime.predict import _load, predict_paths
 
     files = sorted(str(p) for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     paths = (files * (-(-128 // len(files))))[: max(128, len(files))]
@@ -264,7 +264,8 @@ def cold_start(results: dict, n: int) -> None:
         subprocess.run(cmd, check=True, capture_output=True)
         ts.append(time.perf_counter() - t0)
     probe = (
-        "import sys, time; t0 = time.perf_counter(); from cxr_triage.engine import Engine; t1 = time.perf_counter(); "
+        "import sys, time; t0 = time.perf_counter(); from cxr_triage.runtime.engine import Engine; "
+        "t1 = time.perf_counter(); "
         "Engine(); t2 = time.perf_counter(); from cxr_triage.cli import app\n"
         f"try: app(['predict', {img!r}, '--format', 'csv'], standalone_mode=False)\n"
         "finally: print('PROBE', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'lightning', "
@@ -275,7 +276,13 @@ def cold_start(results: dict, n: int) -> None:
     line = next(ln for ln in p.stderr.splitlines() if ln.startswith("PROBE"))
     heavy, t_import_engine, t_engine = line.split(" ", 1)[1].rsplit(" ", 2)
     imp = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import cxr_triage.cli, cxr_triage.predict, cxr_triage.engine"],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "import cxr_triage.cli, cxr_triage.runtime.predict, cxr_triage.runtime.engine",
+        ],
         capture_output=True,
         text=True,
         check=True,

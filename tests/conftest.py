@@ -220,7 +220,7 @@ SMOKE_OVERRIDES = [
 
 def smoke_config(work: Path, manifest: Path, name: str = "smoke", extra: list[str] | None = None) -> dict:
     """The default config shrunk to a seconds-long CPU run writing under ``work``."""
-    from cxr_triage.config import load_config
+    from cxr_triage.core.config import load_config
 
     return load_config(
         REPO / "configs" / "default.yaml",
@@ -237,7 +237,7 @@ def smoke_config(work: Path, manifest: Path, name: str = "smoke", extra: list[st
 
 @pytest.fixture(scope="session")
 def smoke_manifest(shared_dataset: SyntheticDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cxr_triage.manifest import ingest, write_outputs
+    from cxr_triage.data.manifest import ingest, write_outputs
 
     out = tmp_path_factory.mktemp("smoke_data")
     write_outputs(ingest(shared_dataset.root, val=0.25, test=0.25, seed=0, workers=1), shared_dataset.root, out, {})
@@ -248,7 +248,7 @@ def smoke_manifest(shared_dataset: SyntheticDataset, tmp_path_factory: pytest.Te
 def smoke_run(smoke_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained smoke run directory (holds best.pt)."""
     pytest.importorskip("torch")
-    from cxr_triage.train import train
+    from cxr_triage.training.train import train
 
     work = tmp_path_factory.mktemp("smoke_run")
     return train(smoke_config(work, smoke_manifest))
@@ -257,7 +257,7 @@ def smoke_run(smoke_manifest: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def smoke_bundle(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle exported from the smoke run. Tests must not modify it: copy it first."""
-    from cxr_triage.export import export_bundle
+    from cxr_triage.training.export import export_bundle
 
     out = tmp_path_factory.mktemp("smoke_bundle") / "bundle"
     # int8, like the shipped bundle; a near-random smoke model has no accuracy to keep, so no drop limit
@@ -275,7 +275,7 @@ def smoke_bundle(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def smoke_bundle_fp16(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke run exported without quantisation (fp16-stored weights, fp32 compute)."""
-    from cxr_triage.export import export_bundle
+    from cxr_triage.training.export import export_bundle
 
     out = tmp_path_factory.mktemp("smoke_bundle_fp16") / "bundle"
     export_bundle(smoke_run / "best.pt", out, quantize="none")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_triage.classes import DISPLAY_NAMES
+from cxr_triage.core.classes import DISPLAY_NAMES
 from cxr_triage.service import create_app
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")

@@ -17,8 +17,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cxr_triage.dicom import read_dicom
-from cxr_triage.preprocess import ImageReadError, PreprocessSpec, load_grey, preprocess
+from cxr_triage.core.dicom import read_dicom
+from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, preprocess
 
 PHI = {"PatientName": "Doe^Jane^Q", "PatientID": "PID-0047113", "PatientBirthDate": "19510317"}
 PHI_STRINGS = ["Doe", "Jane", "PID-0047113", "19510317"]
@@ -225,8 +225,8 @@ def test_compressed_without_decoder_names_syntax_and_fix(caplog):
 
 def test_predictions_from_dicom_match_the_png(smoke_bundle, image12, tmp_path):
     """MONOCHROME2 and MONOCHROME1 16-bit DICOMs of an image are classified like its PNG."""
-    from cxr_triage.engine import Engine
-    from cxr_triage.predict import predict_paths
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.runtime.predict import predict_paths
 
     (tmp_path / "m2.dcm").write_bytes(dicom_bytes(image12))
     (tmp_path / "m1.dcm").write_bytes(dicom_bytes((4095 - image12).astype(np.uint16), "MONOCHROME1"))

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.eda import run_eda
-from cxr_triage.manifest import ingest, write_outputs
+from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
+from cxr_triage.data.eda import run_eda
+from cxr_triage.data.manifest import ingest, write_outputs
 
 FOLDERS = {
     "covid": "COVID",
@@ -187,7 +187,7 @@ def test_missing_image_is_skipped_with_warning(
     manifest_csv, m = tiny
     gone = tmp_path / "data" / m["path"].iloc[0]
     gone.unlink()
-    with caplog.at_level(logging.WARNING, logger="cxr_triage.eda"):
+    with caplog.at_level(logging.WARNING, logger="cxr_triage.data.eda"):
         report = run_eda(manifest_csv, tmp_path / "eda")
     assert report.exists() and "data:image/png;base64," in report.read_text("utf-8")
     assert any(gone.name in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
-from cxr_triage.calibrate import ece
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.engine import BundleError, Engine, softmax
-from cxr_triage.evaluate import evaluate, load_data, ood_check, record_metrics
-from cxr_triage.manifest import DatasetError, ingest, write_outputs
-from cxr_triage.metrics import bootstrap_ci
-from cxr_triage.predict import predict_paths
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.data.manifest import DatasetError, ingest, write_outputs
+from cxr_triage.evaluation.calibrate import ece
+from cxr_triage.evaluation.evaluate import evaluate, load_data, ood_check, record_metrics
+from cxr_triage.evaluation.metrics import bootstrap_ci
+from cxr_triage.runtime.engine import BundleError, Engine, softmax
+from cxr_triage.runtime.predict import predict_paths
 
 from .conftest import class_image, make_dataset
 
@@ -300,7 +300,7 @@ def test_clear_errors_for_bad_paths(smoke_bundle: Path, tmp_path: Path):
 def test_bundle_path_does_not_import_torch(smoke_bundle: Path, tmp_path: Path):
     ds = make_dataset(tmp_path / "ds", n_per_class=3)
     code = (
-        "import sys; from cxr_triage.evaluate import evaluate; "
+        "import sys; from cxr_triage.evaluation.evaluate import evaluate; "
         f"evaluate({str(smoke_bundle)!r}, {str(ds.root)!r}, out_dir={str(tmp_path / 'out')!r}, "
         "bootstrap=10, gallery=1, ood=True); assert 'torch' not in sys.modules, 'torch imported'"
     )

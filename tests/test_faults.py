@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr_triage import manifest as manifest_mod
-from cxr_triage.manifest import ingest, write_outputs
+from cxr_triage.data import manifest as manifest_mod
+from cxr_triage.data.manifest import ingest, write_outputs
 
 from .conftest import REPO, SyntheticDataset, smoke_config
 
@@ -91,7 +91,7 @@ def test_killed_write_leaves_only_a_hidden_temp(tmp_path: Path):
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from cxr_triage import manifest as m\n"
+        "from cxr_triage.data import manifest as m\n"
         "m.os.replace = lambda *a: os._exit(9)\n"  # die between writing the temp file and renaming it
         "m.atomic_write_text(Path(sys.argv[1]), 'path,label\\n' * 100000)\n"
     )
@@ -104,8 +104,8 @@ def test_killed_write_leaves_only_a_hidden_temp(tmp_path: Path):
 def test_failed_export_keeps_the_previous_bundle(
     smoke_run: Path, smoke_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from cxr_triage import export as export_mod
-    from cxr_triage.engine import Engine
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.training import export as export_mod
 
     out = tmp_path / "bundle"
     shutil.copytree(smoke_bundle, out)

@@ -203,8 +203,8 @@ def test_api_gives_4xx_for_malformed_uploads(smoke_bundle: Path, corpus: Corpus)
 MEMORY_PROBE = """
 import resource, sys
 from pathlib import Path
-from cxr_triage.engine import Engine
-from cxr_triage.predict import collect_inputs, predict_paths
+from cxr_triage.runtime.engine import Engine
+from cxr_triage.runtime.predict import collect_inputs, predict_paths
 engine = Engine(Path(sys.argv[1]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rows = list(predict_paths(engine, collect_inputs(sys.argv[2:])))

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.manifest import (
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.data.manifest import (
     MANIFEST_COLUMNS,
     DatasetError,
     IngestResult,

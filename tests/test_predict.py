@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxr_triage.advice import advice
-from cxr_triage.calibrate import abstain_threshold, ece, fit_logit_bias, fit_temperature
-from cxr_triage.classes import CLASS_IDS
 from cxr_triage.cli import app
-from cxr_triage.engine import Engine, decide, softmax
-from cxr_triage.predict import CSV_COLUMNS, collect_inputs, predict_paths, write_rows
-from cxr_triage.preprocess import load_grey
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.core.preprocess import load_grey
+from cxr_triage.evaluation.calibrate import abstain_threshold, ece, fit_logit_bias, fit_temperature
+from cxr_triage.runtime.advice import advice
+from cxr_triage.runtime.engine import Engine, decide, softmax
+from cxr_triage.runtime.predict import CSV_COLUMNS, collect_inputs, predict_paths, write_rows
 
 
 @pytest.fixture
@@ -99,8 +99,8 @@ def test_cli_predict_formats_and_exit_codes(smoke_bundle: Path, image_folder: Pa
 
 def test_predict_path_does_not_import_torch(smoke_bundle: Path, image_folder: Path):
     code = (
-        "import sys; from cxr_triage.cli import app; from cxr_triage.engine import Engine;"
-        "from cxr_triage.predict import predict_paths;"
+        "import sys; from cxr_triage.cli import app; from cxr_triage.runtime.engine import Engine;"
+        "from cxr_triage.runtime.predict import predict_paths;"
         f"rows = list(predict_paths(Engine({str(smoke_bundle)!r}), [{str(image_folder / 'covid.png')!r}]));"
         "assert rows[0]['label']; print('torch' in sys.modules)"
     )

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_triage import preprocess as pp
-from cxr_triage.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, prepare, preprocess
+from cxr_triage.core import preprocess as pp
+from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, prepare, preprocess
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:

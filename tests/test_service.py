@@ -19,8 +19,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from cxr_triage import service
-from cxr_triage.advice import NOTICE
-from cxr_triage.classes import CLASS_IDS
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.service import create_app, is_loopback, safe_name, sniff
 
 HANGUL = re.compile(r"[\uac00-\ud7a3]")

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.config import ConfigError, apply_overrides, load_config
-from cxr_triage.engine import BundleError, Engine, read_bundle_meta
-from cxr_triage.export import PARITY_TOL, export_module
-from cxr_triage.model import CheckpointError, create_model, load_checkpoint
-from cxr_triage.preprocess import PreprocessSpec, preprocess
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.core.config import ConfigError, apply_overrides, load_config
+from cxr_triage.core.preprocess import PreprocessSpec, preprocess
+from cxr_triage.runtime.engine import BundleError, Engine, read_bundle_meta
+from cxr_triage.training.export import PARITY_TOL, export_module
+from cxr_triage.training.model import CheckpointError, create_model, load_checkpoint
 
 from .conftest import REPO, smoke_config
 
@@ -52,7 +52,7 @@ def test_smoke_run_writes_history_curves_and_safe_checkpoint(smoke_run: Path):
 
 
 def test_run_refuses_to_overwrite_and_resumes(smoke_manifest: Path, tmp_path: Path):
-    from cxr_triage.train import train
+    from cxr_triage.training.train import train
 
     cfg = smoke_config(tmp_path, smoke_manifest, extra=["trainer.max_epochs=1"])
     run = train(cfg)
@@ -130,7 +130,7 @@ def test_int8_bundle_is_quantised_checked_and_close_to_fp32(
 
 
 def test_int8_export_refuses_to_lose_accuracy(smoke_run: Path, tmp_path: Path):
-    from cxr_triage.export import ExportError, export_bundle
+    from cxr_triage.training.export import ExportError, export_bundle
 
     with pytest.raises(ExportError, match="--quantize none"):
         export_bundle(smoke_run / "best.pt", tmp_path / "b", max_accuracy_drop=-1.0)  # any result is "too lossy"
@@ -160,7 +160,7 @@ def test_altered_bundle_is_refused(smoke_bundle: Path, tmp_path: Path):
 
 
 def test_init_from_starts_with_the_given_weights(smoke_run: Path, smoke_manifest: Path, tmp_path: Path):
-    from cxr_triage.train import Classifier
+    from cxr_triage.training.train import Classifier
 
     cfg = smoke_config(tmp_path, smoke_manifest, extra=[f"model.init_from={smoke_run / 'best.pt'}"])
     module = Classifier(cfg)
@@ -170,7 +170,7 @@ def test_init_from_starts_with_the_given_weights(smoke_run: Path, smoke_manifest
 
 
 def test_class_fraction_keeps_a_seeded_share_of_one_class(smoke_manifest: Path, tmp_path: Path):
-    from cxr_triage.train import build_loaders, subsample_classes
+    from cxr_triage.training.train import build_loaders, subsample_classes
 
     labels = np.repeat(np.arange(4), [10, 40, 30, 20])
     rows = np.arange(len(labels))
@@ -193,7 +193,7 @@ def test_class_fraction_keeps_a_seeded_share_of_one_class(smoke_manifest: Path, 
 
 
 def test_weight_ema_is_validated_and_exported(smoke_manifest: Path, tmp_path: Path):
-    from cxr_triage.train import train
+    from cxr_triage.training.train import train
 
     run = train(smoke_config(tmp_path, smoke_manifest, extra=["trainer.max_epochs=1", "model.ema_decay=0.9"]))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
@@ -212,7 +212,7 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path: 
     """--resume must continue after the last finished epoch, not after the best one."""
     import lightning as L
 
-    from cxr_triage.train import checkpoint_callbacks
+    from cxr_triage.training.train import checkpoint_callbacks
 
     class Flat(L.LightningModule):  # validation never improves: only epoch 0 is ever "best"
         def __init__(self) -> None:
@@ -240,7 +240,7 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path: 
 
 
 def test_export_can_ship_another_border_trim(smoke_run: Path, tmp_path: Path):
-    from cxr_triage.export import export_bundle
+    from cxr_triage.training.export import export_bundle
 
     _, _, trained = load_checkpoint(smoke_run / "best.pt")
     meta = export_bundle(smoke_run / "best.pt", tmp_path / "b", quantize="none", border=0.1)
@@ -252,7 +252,7 @@ def test_export_can_ship_another_border_trim(smoke_run: Path, tmp_path: Path):
 
 
 def test_ensemble_is_one_gap_linear_network_with_the_mean_logits():
-    from cxr_triage.model import Ensemble
+    from cxr_triage.training.model import Ensemble
 
     torch.manual_seed(0)
     a, b = create_model("resnet18").eval(), create_model("resnet18").eval()
@@ -271,8 +271,8 @@ def test_ensemble_is_one_gap_linear_network_with_the_mean_logits():
 def test_export_writes_an_ensemble_of_checkpoints(smoke_run: Path, smoke_manifest: Path, tmp_path: Path):
     import dataclasses
 
-    from cxr_triage.export import export_bundle
-    from cxr_triage.model import save_checkpoint
+    from cxr_triage.training.export import export_bundle
+    from cxr_triage.training.model import save_checkpoint
 
     model, cfg, spec = load_checkpoint(smoke_run / "best.pt")
     torch.manual_seed(1)

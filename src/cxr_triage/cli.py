@@ -66,8 +66,8 @@ def ingest(
     """Build a duplicate-aware, stratified, reproducible manifest of a labelled image folder."""
     import time
 
-    from cxr_triage.manifest import DatasetError, write_outputs
-    from cxr_triage.manifest import ingest as run_ingest
+    from cxr_triage.data.manifest import DatasetError, write_outputs
+    from cxr_triage.data.manifest import ingest as run_ingest
 
     t0 = time.time()
     try:
@@ -95,8 +95,8 @@ def eda(
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html and the PNG figures.")],
 ) -> None:
     """Explore a manifest: one self-contained report.html plus PNG figures."""
-    from cxr_triage.eda import run_eda
-    from cxr_triage.manifest import DatasetError
+    from cxr_triage.data.eda import run_eda
+    from cxr_triage.data.manifest import DatasetError
 
     try:
         report = run_eda(manifest, out)
@@ -112,8 +112,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
     """Train a model (timm + Lightning); writes runs/<name>/ with checkpoints, history and best.pt."""
-    from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.train import train as run_train
+    from cxr_triage.core.config import ConfigError, load_config
+    from cxr_triage.training.train import train as run_train
 
     try:
         cfg = load_config(config, overrides or [])
@@ -147,8 +147,8 @@ def export(
     ] = None,
 ) -> None:
     """Export a checkpoint (or an ensemble of several) to a verified, calibrated ONNX bundle."""
-    from cxr_triage.export import ExportError, export_bundle
-    from cxr_triage.model import CheckpointError
+    from cxr_triage.training.export import ExportError, export_bundle
+    from cxr_triage.training.model import CheckpointError
 
     try:
         meta = export_bundle(ckpt, out, manifest, quantize=quantize, max_accuracy_drop=max_accuracy_drop, border=border)
@@ -175,9 +175,9 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a model: metrics.json (with CIs, per origin, calibration) and report.html."""
-    from cxr_triage.engine import BundleError
-    from cxr_triage.evaluate import evaluate as run_evaluate
-    from cxr_triage.manifest import DatasetError
+    from cxr_triage.data.manifest import DatasetError
+    from cxr_triage.evaluation.evaluate import evaluate as run_evaluate
+    from cxr_triage.runtime.engine import BundleError
 
     try:
         metrics = run_evaluate(
@@ -210,8 +210,8 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
 ) -> None:
     """Classify chest X-rays with triage advice; exit 3 if any input could not be read."""
-    from cxr_triage.engine import BundleError, Engine
-    from cxr_triage.predict import collect_inputs, predict_paths, write_rows
+    from cxr_triage.runtime.engine import BundleError, Engine
+    from cxr_triage.runtime.predict import collect_inputs, predict_paths, write_rows
 
     if fmt not in ("table", "csv", "json"):
         _fail(f"unknown --format {fmt!r}; use table, csv or json")
@@ -241,8 +241,8 @@ def predict(
 
 def _print_table(rows: list[dict], lang: str) -> None:
     """A readable table (advice without the repeated notice), then the notice once."""
-    from cxr_triage.advice import NOTICE
-    from cxr_triage.classes import DISPLAY_NAMES
+    from cxr_triage.core.classes import DISPLAY_NAMES
+    from cxr_triage.runtime.advice import NOTICE
 
     out = Console()
     if not out.is_terminal:

@@ -28,10 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cxr_triage import __version__
-from cxr_triage.advice import NOTICE
-from cxr_triage.engine import Engine
-from cxr_triage.predict import png_bytes, predict_bytes
-from cxr_triage.preprocess import DICOM_SUFFIXES, ImageReadError
+from cxr_triage.core.preprocess import DICOM_SUFFIXES, ImageReadError
+from cxr_triage.runtime.advice import NOTICE
+from cxr_triage.runtime.engine import Engine
+from cxr_triage.runtime.predict import png_bytes, predict_bytes
 
 log = logging.getLogger(__name__)
 

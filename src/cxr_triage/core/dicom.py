@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 
-from cxr_triage.preprocess import ImageReadError
+from cxr_triage.core.preprocess import ImageReadError
 
 
 def read_dicom(data: bytes) -> np.ndarray:

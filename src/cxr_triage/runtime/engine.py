@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.preprocess import PreprocessSpec
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.core.preprocess import PreprocessSpec
 
 BUNDLE_FORMAT = "cxr-triage-bundle/1"
 DECISIONS = ("accept", "uncertain", "rejected", "error")

@@ -23,11 +23,11 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from cxr_triage.classes import CLASS_IDS, NUM_CLASSES
-from cxr_triage.data import CachedImages, build_augment, build_cache, label_indices, sample_weights
-from cxr_triage.manifest import load_manifest
-from cxr_triage.model import create_model, load_checkpoint, save_checkpoint
-from cxr_triage.preprocess import PreprocessSpec
+from cxr_triage.core.classes import CLASS_IDS, NUM_CLASSES
+from cxr_triage.core.preprocess import PreprocessSpec
+from cxr_triage.data.manifest import load_manifest
+from cxr_triage.training.datasets import CachedImages, build_augment, build_cache, label_indices, sample_weights
+from cxr_triage.training.model import create_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

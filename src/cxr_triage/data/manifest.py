@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxr_triage.classes import CLASS_IDS, class_from_name
-from cxr_triage.preprocess import IMAGE_SUFFIXES, ImageReadError, load_grey
+from cxr_triage.core.classes import CLASS_IDS, class_from_name
+from cxr_triage.core.preprocess import IMAGE_SUFFIXES, ImageReadError, load_grey
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.eda import template_env
-from cxr_triage.engine import Engine
-from cxr_triage.manifest import atomic_write_text
-from cxr_triage.metrics import P_COLS
-from cxr_triage.predict import _load, overlay, png_bytes
-from cxr_triage.preprocess import normalise
+from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
+from cxr_triage.core.preprocess import normalise
+from cxr_triage.data.eda import template_env
+from cxr_triage.data.manifest import atomic_write_text
+from cxr_triage.evaluation.metrics import P_COLS
+from cxr_triage.runtime.engine import Engine
+from cxr_triage.runtime.predict import _load, overlay, png_bytes
 
 log = logging.getLogger(__name__)
 GALLERY_PX = 256

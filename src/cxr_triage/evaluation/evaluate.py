@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_triage.classes import CLASS_IDS, class_from_name, normalise_name
-from cxr_triage.engine import BundleError, Engine, Output, calibrated_probs, read_bundle_meta
-from cxr_triage.manifest import DatasetError, atomic_write_text, find_images, load_manifest, read_origins
-from cxr_triage.metrics import LOGIT_COLS, P_COLS, summarise
-from cxr_triage.predict import predict_arrays, predict_paths
-from cxr_triage.preprocess import ImageReadError, load_grey, square
-from cxr_triage.report import error_gallery, render_report
+from cxr_triage.core.classes import CLASS_IDS, class_from_name, normalise_name
+from cxr_triage.core.preprocess import ImageReadError, load_grey, square
+from cxr_triage.data.manifest import DatasetError, atomic_write_text, find_images, load_manifest, read_origins
+from cxr_triage.evaluation.metrics import LOGIT_COLS, P_COLS, summarise
+from cxr_triage.evaluation.report import error_gallery, render_report
+from cxr_triage.runtime.engine import BundleError, Engine, Output, calibrated_probs, read_bundle_meta
+from cxr_triage.runtime.predict import predict_arrays, predict_paths
 
 __all__ = ["evaluate", "load_data", "ood_check", "predict_frame", "record_metrics", "render_report"]
 
@@ -152,7 +152,7 @@ def resolve_bundle(model: Path, workdir: Path, manifest: Path | None = None) -> 
         return model
     if model.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise BundleError(f"{model} is neither a bundle folder nor a checkpoint (.pt/.pth/.ckpt)")
-    from cxr_triage.export import export_bundle  # torch only on this path
+    from cxr_triage.training.export import export_bundle  # torch only on this path
 
     log.info("exporting %s to a temporary bundle", model)
     export_bundle(model, workdir / "bundle", manifest=manifest, quantize="none")  # as trained: no int8

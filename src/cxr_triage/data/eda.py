@@ -21,9 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.manifest import atomic_write_text, load_manifest
-from cxr_triage.preprocess import ImageReadError, load_grey
+from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
+from cxr_triage.core.preprocess import ImageReadError, load_grey
+from cxr_triage.data.manifest import atomic_write_text, load_manifest
 
 log = logging.getLogger(__name__)
 

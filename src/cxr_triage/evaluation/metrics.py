@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from cxr_triage.calibrate import ece
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.engine import DECISIONS, softmax
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.evaluation.calibrate import ece
+from cxr_triage.runtime.engine import DECISIONS, softmax
 
 K = len(CLASS_IDS)
 P_COLS = [f"p_{c}" for c in CLASS_IDS]

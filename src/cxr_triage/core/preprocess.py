@@ -131,7 +131,7 @@ def _pil_to_grey(im: Image.Image, info: dict | None = None) -> np.ndarray:
 def load_grey(source: Source, name: str = "", info: dict | None = None) -> np.ndarray:
     """Decode a file path, bytes, array or PIL image into a 2-D uint8 grey array.
 
-    Handles 8/16-bit, RGB/RGBA/palette/CMYK, EXIF orientation and DICOM (via ``cxr_triage.dicom``).
+    Handles 8/16-bit, RGB/RGBA/palette/CMYK, EXIF orientation and DICOM (via ``cxr_triage.core.dicom``).
     If ``info`` is a dict, colour inputs add ``info["colourfulness"]`` (0..1; chest X-rays are grey).
     Raises ``ImageReadError`` with a sentence saying what is wrong.
     """
@@ -158,7 +158,7 @@ def load_grey(source: Source, name: str = "", info: dict | None = None) -> np.nd
         if not data:
             raise ImageReadError(f"{name or 'input'}: file is empty (0 bytes)")
         if _is_dicom(data[:132], name):
-            from cxr_triage.dicom import read_dicom
+            from cxr_triage.core.dicom import read_dicom
 
             grey = _array_to_grey(read_dicom(data))
         else:

@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from cxr_triage import __version__
-from cxr_triage.calibrate import (
+from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
+from cxr_triage.core.preprocess import PreprocessSpec, normalise, preprocess
+from cxr_triage.data.manifest import atomic_dir, load_manifest
+from cxr_triage.evaluation.calibrate import (
     abstain_threshold,
     fit_logit_bias,
     fit_mahalanobis,
@@ -25,9 +28,7 @@ from cxr_triage.calibrate import (
     fit_temperature,
     macro_f1,
 )
-from cxr_triage.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.data import build_cache, label_indices
-from cxr_triage.engine import (
+from cxr_triage.runtime.engine import (
     BUNDLE_FORMAT,
     Engine,
     calibrated_probs,
@@ -37,9 +38,8 @@ from cxr_triage.engine import (
     softmax,
     thumbnails,
 )
-from cxr_triage.manifest import atomic_dir, load_manifest
-from cxr_triage.model import FeatureExport, load_ensemble
-from cxr_triage.preprocess import PreprocessSpec, normalise, preprocess
+from cxr_triage.training.datasets import build_cache, label_indices
+from cxr_triage.training.model import FeatureExport, load_ensemble
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-4

@@ -10,8 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from cxr_triage.classes import CLASS_IDS, NUM_CLASSES
-from cxr_triage.preprocess import PreprocessSpec
+from cxr_triage.core.classes import CLASS_IDS, NUM_CLASSES
+from cxr_triage.core.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.preprocess import PreprocessSpec, normalise, prepare
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.core.preprocess import PreprocessSpec, normalise, prepare
 
 log = logging.getLogger(__name__)
 

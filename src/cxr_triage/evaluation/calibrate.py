@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_triage.engine import softmax
+from cxr_triage.runtime.engine import softmax
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:

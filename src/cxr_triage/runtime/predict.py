@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr_triage.advice import advice
-from cxr_triage.classes import CLASS_IDS
-from cxr_triage.engine import Engine
-from cxr_triage.preprocess import IMAGE_SUFFIXES, ImageReadError, PreprocessSpec, load_grey, normalise, square
+from cxr_triage.core.classes import CLASS_IDS
+from cxr_triage.core.preprocess import IMAGE_SUFFIXES, ImageReadError, PreprocessSpec, load_grey, normalise, square
+from cxr_triage.runtime.advice import advice
+from cxr_triage.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 CSV_COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASS_IDS], "decision", "error"]

@@ -1,0 +1,1 @@
+"""Layer: classes, the one preprocessing function, DICOM reading and config (no torch)."""

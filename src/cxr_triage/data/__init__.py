@@ -1,0 +1,1 @@
+"""Layer: dataset manifest (ingest, duplicates, splits) and EDA report."""

@@ -1,0 +1,1 @@
+"""Layer: metrics, calibration, evaluation reports."""

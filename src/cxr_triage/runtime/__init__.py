@@ -1,0 +1,1 @@
+"""Layer: torch-free inference: onnxruntime engine, predict, advice."""

@@ -1,0 +1,1 @@
+"""Layer: torch lives here only: datasets, networks, training loops, export."""
