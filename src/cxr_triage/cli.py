@@ -126,6 +126,25 @@ def train(
     console.print(f"run: {run_dir}  (best model: {run_dir / 'best.pt'})")
 
 
+@app.command("train-seg")
+def train_seg(
+    config: Annotated[Path, typer.Option("--config", help="Segmenter config YAML.")] = Path("configs/segment.yaml"),
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train the lung segmenter (MONAI U-Net + Lightning) on image/mask pairs; writes runs/<name>/best.pt."""
+    from cxr_triage.core.config import ConfigError, load_config
+    from cxr_triage.training.segdata import PairsError
+    from cxr_triage.training.segmenter import train_segmenter
+
+    try:
+        cfg = load_config(config, overrides or [])
+        run_dir = train_segmenter(cfg, resume=resume)
+    except (ConfigError, PairsError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"run: {run_dir}  (best segmenter: {run_dir / 'best.pt'})")
+
+
 @app.command()
 def export(
     ckpt: Annotated[
@@ -145,14 +164,27 @@ def export(
     border: Annotated[
         float | None, typer.Option(help="Inference border trim, if not the trained one (choose it on validation).")
     ] = None,
+    segmenter: Annotated[
+        Path | None,
+        typer.Option(help="Lung segmenter bundle to carry (lung attention + lung gate; lung-view models: required)."),
+    ] = None,
 ) -> None:
     """Export a checkpoint (or an ensemble of several) to a verified, calibrated ONNX bundle."""
+    from cxr_triage.runtime.engine import BundleError
     from cxr_triage.training.export import ExportError, export_bundle
     from cxr_triage.training.model import CheckpointError
 
     try:
-        meta = export_bundle(ckpt, out, manifest, quantize=quantize, max_accuracy_drop=max_accuracy_drop, border=border)
-    except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
+        meta = export_bundle(
+            ckpt,
+            out,
+            manifest,
+            quantize=quantize,
+            max_accuracy_drop=max_accuracy_drop,
+            border=border,
+            segmenter=segmenter,
+        )
+    except (CheckpointError, ExportError, BundleError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     console.print(
         f"bundle: {out}  parity {meta['parity_max_prob_diff']:.1e}  "
@@ -236,6 +268,60 @@ def predict(
     if heatmaps is not None:
         console.print(f"heatmaps: {heatmaps}")
     if any(r["decision"] == "error" for r in rows):
+        raise typer.Exit(3)
+
+
+@app.command("export-seg")
+def export_seg(
+    ckpt: Annotated[Path, typer.Argument(help="best.pt (or a Lightning .ckpt) from `train-seg`.")],
+    out: Annotated[Path, typer.Option("--out", help="Segmenter bundle folder to write.")],
+    quantize: Annotated[str, typer.Option(help="int8 (kept only if val Dice drops <= 0.005) or none.")] = "int8",
+) -> None:
+    """Export the lung segmenter to ONNX (parity-checked), with held-out Dice/HD95 per origin in model.json."""
+    from cxr_triage.training.export import ExportError
+    from cxr_triage.training.export_seg import export_segmenter
+    from cxr_triage.training.model import CheckpointError
+
+    if quantize not in ("int8", "none"):
+        _fail(f"unknown --quantize {quantize!r}; use int8 or none")
+    try:
+        meta = export_segmenter(ckpt, out, quantize)
+    except (CheckpointError, ExportError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    held = meta["heldout"]
+    console.print(
+        f"bundle: {out}  weights {meta['weights']}  held-out Dice "
+        + ", ".join(f"{k} {v['dice_mean']:.4f} (n={v['n']})" for k, v in held.items())
+    )
+
+
+@app.command()
+def segment(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png lung masks and segment.csv.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Segmenter bundle (default: the shipped one).")] = None,
+) -> None:
+    """Lung masks (0/255 PNG at each input's size) + segment.csv; exit 3 if any input could not be read."""
+    import csv
+
+    from cxr_triage.runtime.engine import BundleError
+    from cxr_triage.runtime.predict import collect_inputs
+    from cxr_triage.runtime.segment import SEGMENT_COLUMNS, LungSegmenter, segment_paths
+
+    files = collect_inputs(paths)
+    if not files:
+        _fail("no image files found in the given paths")
+    try:
+        seg = LungSegmenter(model)
+    except BundleError as exc:
+        _fail(str(exc))
+    rows = list(_progress("segmenting")(segment_paths(seg, files, out), len(files)))
+    with open(out / "segment.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SEGMENT_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    console.print(f"wrote {len(rows)} masks/rows to {out}")
+    if any(r["error"] for r in rows):
         raise typer.Exit(3)
 
 

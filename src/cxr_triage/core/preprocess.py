@@ -38,6 +38,8 @@ class PreprocessSpec:
     resize: str = "stretch"  # "stretch" (as the public dataset did), "pad" (letterbox) or "crop" (centre)
     border: float = 0.0  # fraction trimmed from every side before resizing (burned-in markers live there)
     equalize: bool = False  # global histogram equalisation (removes scanner/hospital contrast cues)
+    lungs: str = "none"  # "none" (whole image), "crop" (lungs' box + margin) or "mask" (box, zero outside the lungs)
+    lung_margin: float = 0.08  # box margin per side, as a share of the lungs' box (lung views only)
 
     def __post_init__(self) -> None:
         if self.size < MIN_SIDE:
@@ -50,6 +52,10 @@ class PreprocessSpec:
             raise ValueError(f"border must be in [0, 0.25), got {self.border}")
         if self.std <= 0:
             raise ValueError("std must be positive")
+        if self.lungs not in ("none", "crop", "mask"):
+            raise ValueError(f"lungs must be 'none', 'crop' or 'mask', got {self.lungs!r}")
+        if not 0.0 <= self.lung_margin <= 0.5:
+            raise ValueError(f"lung_margin must be in [0, 0.5], got {self.lung_margin}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +207,16 @@ def square(grey: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.equalize:
         im = ImageOps.equalize(im)
     return np.asarray(im, dtype=np.uint8)
+
+
+def model_square(grey: np.ndarray, spec: PreprocessSpec, mask: np.ndarray | None = None) -> np.ndarray:
+    """The square uint8 model input of a decoded grey image: ``square`` for whole-image specs, the lung view
+    (``core.lungs.lung_view``) when ``spec.lungs`` is set, for which ``mask`` is the image's lung mask."""
+    if spec.lungs == "none":
+        return square(grey, spec)
+    from cxr_triage.core.lungs import lung_view  # core.lungs imports this module
+
+    return lung_view(grey, mask, spec.size, spec.lungs, spec.lung_margin)
 
 
 def prepare(source: Source, spec: PreprocessSpec, name: str = "") -> np.ndarray:

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from cxr_triage.core.classes import CLASS_IDS, class_from_name, normalise_name
-from cxr_triage.core.preprocess import ImageReadError, load_grey, square
+from cxr_triage.core.preprocess import ImageReadError, load_grey
 from cxr_triage.data.manifest import DatasetError, atomic_write_text, find_images, load_manifest, read_origins
 from cxr_triage.evaluation.metrics import LOGIT_COLS, P_COLS, summarise
-from cxr_triage.evaluation.report import error_gallery, render_report
+from cxr_triage.evaluation.report import attention_gallery, error_gallery, render_report
 from cxr_triage.runtime.engine import BundleError, Engine, Output, calibrated_probs, read_bundle_meta
 from cxr_triage.runtime.predict import predict_arrays, predict_paths
 
@@ -184,6 +184,10 @@ def predict_frame(engine: Engine, frame: pd.DataFrame, batch_size: int = 32) -> 
     out["decision"] = [r["decision"] for r in rows]
     out["error"] = [r["error"] for r in rows]
     out["ood_score"] = [r.get("ood_score", np.nan) for r in rows]
+    out["lung_attention"] = pd.to_numeric(
+        pd.Series([r.get("lung_attention", "") for r in rows], index=out.index), errors="coerce"
+    )
+    out["lung_note"] = [r.get("lung_note", "") for r in rows]
     ok = (out["decision"] != "error").to_numpy()
     logits = np.concatenate(recorder.logits) if recorder.logits else np.zeros((0, len(CLASS_IDS)), np.float32)
     if len(logits) != ok.sum():
@@ -254,12 +258,7 @@ def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict
     rows = [
         r
         for i in range(0, len(greys), 32)
-        for r in predict_arrays(
-            engine,
-            greys[i : i + 32],
-            [square(g, engine.spec) for g in greys[i : i + 32]],
-            colours=colours[i : i + 32],
-        )
+        for r in predict_arrays(engine, greys[i : i + 32], None, colours=colours[i : i + 32])
     ]
     per_image = [
         {
@@ -327,6 +326,8 @@ def _write(out_dir: Path, preds: pd.DataFrame, metrics: dict[str, Any]) -> None:
         "decision",
         "error",
         "ood_score",
+        "lung_attention",
+        "lung_note",
         "origin",
         "copy_px",
         *LOGIT_COLS,
@@ -388,9 +389,12 @@ def evaluate(
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         items = error_gallery(engine, preds, gallery)
+        low_attention = attention_gallery(engine, preds, gallery)
+        if engine.segmenter is not None:
+            metrics["segmenter"] = {**engine.segmenter.info, "heldout": engine.segmenter.meta.get("heldout", {})}
         metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)
         _write(out_dir, preds, metrics)
-        render_report(metrics, preds, out_dir / "report.html", items)
+        render_report(metrics, preds, out_dir / "report.html", items, low_attention)
         if record:
             record_metrics(bundle, metrics)
     log.info(

@@ -209,12 +209,35 @@ def abstention(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def attention(frame: pd.DataFrame) -> dict[str, Any]:
+    """Mean lung attention (share of heatmap mass inside the lung mask) overall, per true class, per origin."""
+    if "lung_attention" not in frame or frame["lung_attention"].isna().all():
+        return {}
+    ok = frame[frame["lung_attention"].notna()]
+
+    def means(col: str) -> dict[str, Any]:
+        return {
+            str(k): {"n": int(len(g)), "mean": _f(g["lung_attention"].mean())}
+            for k, g in ok.groupby(col)
+            if str(k) != ""
+        }
+
+    return {
+        "n": int(len(ok)),
+        "mean": _f(ok["lung_attention"].mean()),
+        "by_class": means("true"),
+        "by_predicted": means("pred"),
+        "by_origin": means("origin"),
+    }
+
+
 def summarise(frame: pd.DataFrame, meta: dict[str, Any], resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Everything metrics.json holds about a predictions frame (the OOD check aside)."""
     out = score(frame, resamples, seed)
     out["by_origin"] = by_group(frame, "origin", resamples, seed)
     if (frame["copy_px"].astype(str) != "").any():
         out["by_copy_px"] = by_group(frame, "copy_px", resamples, seed)
+    out["lung_attention"] = attention(frame)
     out["calibration"] = calibration(frame, meta)
     out["abstention"] = abstention(frame, meta)
     return out

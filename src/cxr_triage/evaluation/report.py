@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from sklearn.metrics import roc_curve
 
 from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.core.preprocess import normalise
+from cxr_triage.core.preprocess import ImageReadError, load_grey
 from cxr_triage.data.eda import template_env
 from cxr_triage.data.manifest import atomic_write_text
 from cxr_triage.evaluation.metrics import P_COLS
 from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import _load, overlay, png_bytes
+from cxr_triage.runtime.predict import png_bytes, predict_arrays
 
 log = logging.getLogger(__name__)
 GALLERY_PX = 256
@@ -149,28 +150,54 @@ def plot_risk_coverage(ab: dict[str, Any]) -> Figure:
     return fig
 
 
+def heatmap_gallery(engine: Engine, rows: pd.DataFrame, caption: Callable[[Any], str]) -> list[dict[str, str]]:
+    """Heatmap overlays (predicted class, lung outline when there is a segmenter) with captions, for frame rows."""
+    loaded = []
+    for row in rows.itertuples():
+        try:
+            loaded.append((row, load_grey(row.abspath)))
+        except (ImageReadError, OSError):
+            continue
+    if not loaded:
+        return []
+    scored = predict_arrays(engine, [g for _, g in loaded], heatmaps=True)
+    items = []
+    for (row, _), r in zip(loaded, scored, strict=True):
+        if "heatmap" not in r:  # rejected: no heatmap is drawn
+            continue
+        im = Image.fromarray(r["heatmap"])
+        im.thumbnail((GALLERY_PX, GALLERY_PX))
+        items.append({"src": png_uri(png_bytes(np.asarray(im))), "name": Path(row.path).name, "caption": caption(row)})
+    return items
+
+
 def error_gallery(engine: Engine, preds: pd.DataFrame, k: int = 12) -> list[dict[str, str]]:
     """The ``k`` most confident wrong predictions: heatmap overlay (of the predicted class) and caption."""
     wrong = preds[(preds["true"] != "") & (preds["decision"] != "error") & (preds["pred"] != preds["true"])]
     wrong = wrong.sort_values("confidence", ascending=False, kind="stable").head(max(k, 0))
-    loaded = [(row, _load(row.abspath, engine.spec)) for row in wrong.itertuples()]
-    loaded = [(row, r) for row, r in loaded if not isinstance(r, str)]
-    if not loaded:
+    return heatmap_gallery(
+        engine,
+        wrong,
+        lambda row: (
+            f"true {DISPLAY_NAMES[row.true]} · predicted {DISPLAY_NAMES[row.pred]} "
+            f"({row.confidence:.1%}) · {row.decision} · {row.origin}"
+        ),
+    )
+
+
+def attention_gallery(engine: Engine, preds: pd.DataFrame, k: int = 12) -> list[dict[str, str]]:
+    """The ``k`` images whose heatmap has the least mass inside the lungs (lung attention), lowest first."""
+    if "lung_attention" not in preds or preds["lung_attention"].isna().all():
         return []
-    out = engine.run(normalise(np.stack([r[1] for _, r in loaded]), engine.spec))
-    items = []
-    for i, (row, (grey, *_)) in enumerate(loaded):
-        cam = engine.cam(out.features[i], CLASS_IDS.index(row.pred))
-        rgb = overlay(grey, cam, engine.spec, max_side=GALLERY_PX)
-        items.append(
-            {
-                "src": png_uri(png_bytes(rgb)),
-                "name": Path(row.path).name,
-                "caption": f"true {DISPLAY_NAMES[row.true]} · predicted {DISPLAY_NAMES[row.pred]} "
-                f"({row.confidence:.1%}) · {row.decision} · {row.origin}",
-            }
-        )
-    return items
+    low = preds[preds["decision"] != "error"].sort_values("lung_attention", kind="stable").head(max(k, 0))
+    return heatmap_gallery(
+        engine,
+        low,
+        lambda row: (
+            f"lung attention {row.lung_attention:.0%} · predicted {DISPLAY_NAMES[row.pred]} "
+            f"({row.confidence:.1%})" + (f" · true {DISPLAY_NAMES[row.true]}" if row.true else "") + f" · {row.origin}"
+        ),
+    )
 
 
 def _pct(x: float | None) -> str:
@@ -243,6 +270,21 @@ def tables(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "by_copy_px" in metrics:
         out["by_copy_px"] = group_table(metrics["by_copy_px"], "copy_px")
     out["decisions"] = _table(["decision", "images"], [[d, n] for d, n in metrics["decisions"].items()])
+    att = metrics.get("lung_attention") or {}
+    if att:
+        rows = [["all images", att["n"], _pct(att["mean"])]]
+        for key, label in (("by_class", "true class"), ("by_predicted", "predicted"), ("by_origin", "origin")):
+            rows += [[f"{label}: {DISPLAY_NAMES.get(k, k)}", v["n"], _pct(v["mean"])] for k, v in att[key].items()]
+        out["lung_attention"] = _table(["images", "n", "mean lung attention"], rows)
+    held = (metrics.get("segmenter") or {}).get("heldout") or {}
+    if held:
+        out["segmenter"] = _table(
+            ["held-out pairs", "n", "mean Dice", "min Dice", "mean HD95 (px)"],
+            [
+                [k, v["n"], f"{v['dice_mean']:.4f}", f"{v['dice_min']:.4f}", f"{v['hd95_px_mean']:.1f}"]
+                for k, v in held.items()
+            ],
+        )
     if "ood" in metrics:
         out["ood"] = _table(
             ["image", "source", "OOD score", "decision", "predicted (confidence)"],
@@ -275,7 +317,11 @@ def figures(metrics: dict[str, Any], preds: pd.DataFrame) -> dict[str, str]:
 
 
 def render_report(
-    metrics: dict[str, Any], preds: pd.DataFrame, out_path: Path, gallery: Sequence[dict[str, str]] = ()
+    metrics: dict[str, Any],
+    preds: pd.DataFrame,
+    out_path: Path,
+    gallery: Sequence[dict[str, str]] = (),
+    low_attention: Sequence[dict[str, str]] = (),
 ) -> Path:
     """Write the self-contained report.html for ``evaluate``'s metrics and predictions; returns its path."""
     env = template_env()
@@ -285,6 +331,7 @@ def render_report(
         images=figures(metrics, preds),
         tables=tables(metrics),
         gallery=list(gallery),
+        low_attention=list(low_attention),
         ci=_ci,
         names=DISPLAY_NAMES,
         title=f"Evaluation: {Path(metrics['data']).name} ({metrics['split']})",

@@ -156,6 +156,9 @@ class Engine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # steadier tail latency on shared CPUs
         self.session = ort.InferenceSession(str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        from cxr_triage.runtime.segment import segmenter_for  # segment imports this module
+
+        self.segmenter = segmenter_for(self.dir, self.meta, self.spec)
 
     @property
     def info(self) -> dict[str, str]:

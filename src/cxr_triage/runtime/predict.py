@@ -16,12 +16,39 @@ import numpy as np
 from PIL import Image
 
 from cxr_triage.core.classes import CLASS_IDS
-from cxr_triage.core.preprocess import IMAGE_SUFFIXES, ImageReadError, PreprocessSpec, load_grey, normalise, square
+from cxr_triage.core.lungs import (
+    LUNG_GATE,
+    input_mask,
+    lung_attention,
+    lung_gate,
+    lung_stats,
+    outline,
+    resize_mask,
+    view_box,
+)
+from cxr_triage.core.preprocess import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    PreprocessSpec,
+    load_grey,
+    model_square,
+    normalise,
+    square,
+)
 from cxr_triage.runtime.advice import advice
 from cxr_triage.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
-CSV_COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASS_IDS], "decision", "error"]
+CSV_COLUMNS = [
+    "path",
+    "label",
+    "confidence",
+    *[f"p_{c}" for c in CLASS_IDS],
+    "decision",
+    "error",
+    "lung_attention",
+    "lung_note",
+]
 
 
 def collect_inputs(items: Iterable[str]) -> list[str]:
@@ -58,15 +85,25 @@ def fit(grey: np.ndarray, max_side: int = 512) -> np.ndarray:
 
 
 def overlay(
-    grey: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, alpha: float = 0.4, max_side: int = 512
+    grey: np.ndarray,
+    cam: np.ndarray,
+    spec: PreprocessSpec,
+    alpha: float = 0.4,
+    max_side: int = 512,
+    lungs: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The heatmap over the original image (its aspect ratio kept): RGB uint8."""
+    """The heatmap over the original image (its aspect ratio kept): RGB uint8. ``lungs`` (the image's lung mask)
+    draws the lung outline and, for lung-view classifiers, places the map over the lungs' box."""
     base = fit(grey, max_side).astype(np.float32)
     h, w = base.shape
     heat = np.zeros((h, w), np.float32)
+    small = resize_mask(lungs, (h, w)) if lungs is not None else None
     dy, dx = round(h * spec.border), round(w * spec.border)
     ih, iw = h - 2 * dy, w - 2 * dx
-    if spec.resize == "stretch" or ih == iw:
+    if spec.lungs != "none":
+        y0, y1, x0, x1 = view_box(small if small is not None else np.zeros((h, w), bool), spec.lung_margin)
+        region = (y0, x0, y1 - y0, x1 - x0)
+    elif spec.resize == "stretch" or ih == iw:
         region = (dy, dx, ih, iw)
     elif spec.resize == "crop":
         s = min(ih, iw)
@@ -81,6 +118,8 @@ def overlay(
         y, x, rh, rw = region
         heat[y : y + rh, x : x + rw] = np.asarray(Image.fromarray(cam).resize((rw, rh), Image.Resampling.BILINEAR))
     rgb = (1 - alpha * heat[..., None]) * base[..., None] + alpha * heat[..., None] * jet(heat)
+    if small is not None:
+        rgb[outline(small, width=max(1, round(max(h, w) / 256)))] = (0, 255, 255)  # lung outline in cyan
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
@@ -101,42 +140,78 @@ def error_row(path: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _load(path: str, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, float] | str:
-    """(grey image, model-size square, colourfulness) or an error sentence."""
+def _load(path: str, engine: Engine) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, float] | str:
+    """(grey image, whole-image model square or None, segmenter square or None, colourfulness) or an error sentence.
+    Runs in loader threads: everything per image that needs no network."""
     try:
         info: dict[str, float] = {}
         grey = load_grey(path, info=info)
-        return grey, square(grey, spec), info.get("colourfulness", 0.0)
+        sq = square(grey, engine.spec) if engine.spec.lungs == "none" else None
+        seg_sq = square(grey, engine.segmenter.spec) if engine.segmenter is not None else None
+        return grey, sq, seg_sq, info.get("colourfulness", 0.0)
     except ImageReadError as exc:
         return str(exc)
     except (OSError, MemoryError) as exc:
         return f"{path}: cannot read ({type(exc).__name__}: {exc})"
 
 
+def lung_masks(engine: Engine, greys: list[np.ndarray], seg_squares: list | None = None) -> list[np.ndarray] | None:
+    """Each image's lung mask at its own size (None without a segmenter)."""
+    seg = engine.segmenter
+    if seg is None:
+        return None
+    squares = [
+        q if q is not None else square(g, seg.spec)
+        for g, q in zip(greys, seg_squares or [None] * len(greys), strict=True)
+    ]
+    return [seg.to_image(m, g.shape) for m, g in zip(seg.square_masks(squares), greys, strict=True)]
+
+
+def _with_lung_gate(decision: str, mask: np.ndarray, meta: dict[str, Any]) -> tuple[str, str]:
+    """The classifier's decision after the lung gate (a stricter decision wins), and the gate's reason."""
+    gate = {**LUNG_GATE, **(meta.get("lung_gate") or {})}
+    override, reason = lung_gate(lung_stats(mask), gate["min_area"], gate["max_area"])
+    order = ("accept", "uncertain", "rejected")
+    if override is not None and decision in order and order.index(override) > order.index(decision):
+        return override, reason
+    return decision, reason if override is not None else ""
+
+
 def predict_arrays(
     engine: Engine,
     greys: list[np.ndarray],
-    squares: list[np.ndarray],
+    squares: list[np.ndarray | None] | None = None,
     lang: str = "en",
     heatmaps: bool = False,
     colours: list[float] | None = None,
+    seg_squares: list[np.ndarray | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows (CSV fields + advice, optionally a heatmap RGB array) for decoded images."""
+    """Rows (CSV fields + advice, lung attention, optionally a heatmap RGB array) for decoded images."""
+    masks = lung_masks(engine, greys, seg_squares)
+    if engine.spec.lungs != "none" or squares is None or any(q is None for q in squares):
+        squares = [model_square(g, engine.spec, m) for g, m in zip(greys, masks or [None] * len(greys), strict=True)]
     out = engine.run(normalise(np.stack(squares), engine.spec), colours)
     rows = []
     for i, grey in enumerate(greys):
         p, k = out.probs[i], int(out.probs[i].argmax())
+        decision, lung_note, attention = out.decisions[i], "", ""
+        cam = engine.cam(out.features[i], k)
+        if masks is not None:
+            decision, lung_note = _with_lung_gate(decision, masks[i], engine.meta)
+            attention = round(lung_attention(cam, input_mask(masks[i], engine.spec)), 3)
         row = {
             "label": CLASS_IDS[k],
             "confidence": round(float(p[k]), 6),
             **{f"p_{c}": round(float(v), 6) for c, v in zip(CLASS_IDS, p, strict=True)},
-            "decision": out.decisions[i],
+            "decision": decision,
             "error": "",
             "ood_score": round(float(out.ood[i]), 3),
-            "advice": advice(CLASS_IDS[k], out.decisions[i], lang),
+            "lung_attention": attention,
+            "lung_note": lung_note,
+            "advice": advice(CLASS_IDS[k], decision, lang),
         }
-        if heatmaps and out.decisions[i] != "rejected":
-            row["heatmap"] = overlay(grey, engine.cam(out.features[i], k), engine.spec)
+        if heatmaps and decision != "rejected":
+            row["heatmap"] = overlay(grey, cam, engine.spec, lungs=masks[i] if masks is not None else None)
         rows.append(row)
     return rows
 
@@ -148,7 +223,7 @@ def predict_bytes(
     Raises ImageReadError for unreadable input."""
     info: dict[str, float] = {}
     grey = load_grey(data, name=name, info=info)
-    rows = predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap, [info.get("colourfulness", 0.0)])
+    rows = predict_arrays(engine, [grey], None, lang, heatmap, [info.get("colourfulness", 0.0)])
     if image:
         rows[0]["image"] = fit(grey)
     return {"path": name, **rows[0]}
@@ -167,7 +242,7 @@ def predict_paths(
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-        pending = pool.map(lambda b: [_load(p, engine.spec) for p in b], batches)
+        pending = pool.map(lambda b: [_load(p, engine) for p in b], batches)
         for idx, (batch, loaded) in enumerate(zip(batches, pending, strict=True)):
             good = [(p, r) for p, r in zip(batch, loaded, strict=True) if not isinstance(r, str)]
             scored = iter(
@@ -177,6 +252,7 @@ def predict_paths(
                     [r[1] for _, r in good],
                     lang,
                     heatmap_dir is not None,
+                    [r[3] for _, r in good],
                     [r[2] for _, r in good],
                 )
                 if good

@@ -87,10 +87,46 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(img, float(torch.empty(1).uniform_(*self.gamma)))
 
 
-def build_augment(aug: dict[str, Any], size: int) -> v2.Compose:
-    """Training augmentation on uint8 (1, H, W) tensors; the output stays uint8 for ``normalise``."""
+class RandomLungHoles(torch.nn.Module):
+    """Cut holes and lobe drop-outs into a lung view (0 = outside the lungs), so that holes in a mask are no class
+    cue: another party's segmenter leaves them in Lung Opacity masks only (data README, trap 4)."""
+
+    def __init__(self, holes_p: float, lobe_p: float) -> None:
+        super().__init__()
+        self.holes_p, self.lobe_p = holes_p, lobe_p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        lung = img[0] > 0
+        if not bool(lung.any()):
+            return img
+        img = img.clone()
+        h, w = lung.shape
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        if float(torch.rand(1)) < self.holes_p:
+            ys, xs = torch.nonzero(lung, as_tuple=True)
+            for _ in range(int(torch.randint(1, 4, (1,)))):
+                k = int(torch.randint(len(ys), (1,)))
+                ry, rx = (float(torch.empty(1).uniform_(0.04, 0.16)) * s for s in (h, w))
+                hole = ((yy - ys[k]) / ry) ** 2 + ((xx - xs[k]) / rx) ** 2 <= 1
+                img[0][hole] = 0
+        if float(torch.rand(1)) < self.lobe_p:
+            side = slice(0, w // 2) if float(torch.rand(1)) < 0.5 else slice(w // 2, w)
+            rows = torch.nonzero(lung[:, side].any(1), as_tuple=True)[0]
+            if len(rows):
+                top, bottom = int(rows.min()), int(rows.max())
+                cut = top + int((bottom - top) * float(torch.empty(1).uniform_(0.35, 0.65)))
+                part = slice(top, cut) if float(torch.rand(1)) < 0.3 else slice(cut, bottom + 1)
+                img[0, part, side] = 0
+        return img
+
+
+def build_augment(aug: dict[str, Any], size: int, lung_view: bool = False) -> v2.Compose:
+    """Training augmentation on uint8 (1, H, W) tensors; the output stays uint8 for ``normalise``. Lung views
+    (``preprocess.lungs: mask``) also get random holes and lobe drop-outs (``holes_p``, ``lobe_p``)."""
+    holes = [RandomLungHoles(aug.get("holes_p", 0.0), aug.get("lobe_p", 0.0))] if lung_view else []
     return v2.Compose(
         [
+            *holes,
             v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=(0.85, 1.18), antialias=True),
             v2.RandomHorizontalFlip(aug.get("hflip_p", 0.0)),
             v2.RandomAffine(degrees=aug["rotate"], translate=(aug["translate"], aug["translate"])),

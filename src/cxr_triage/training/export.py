@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from cxr_triage import __version__
 from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.core.preprocess import PreprocessSpec, normalise, preprocess
+from cxr_triage.core.preprocess import PreprocessSpec, normalise
 from cxr_triage.data.manifest import atomic_dir, load_manifest
 from cxr_triage.evaluation.calibrate import (
     abstain_threshold,
@@ -38,7 +39,9 @@ from cxr_triage.runtime.engine import (
     softmax,
     thumbnails,
 )
+from cxr_triage.runtime.segment import default_segmenter_dir, read_segmenter_meta
 from cxr_triage.training.datasets import build_cache, label_indices
+from cxr_triage.training.lungcache import build_lung_cache
 from cxr_triage.training.model import FeatureExport, load_ensemble
 
 log = logging.getLogger(__name__)
@@ -231,6 +234,7 @@ def export_bundle(
     quantize: str = "int8",
     max_accuracy_drop: float = 0.005,
     border: float | None = None,
+    segmenter: Path | None = None,
 ) -> dict[str, Any]:
     """Write a verified, calibrated bundle to ``out_dir``; returns its model.json content.
 
@@ -239,6 +243,8 @@ def export_bundle(
     weights are stored as fp16 (computed in fp32). ``border`` replaces the trained border trim at inference (a
     test-time crop chosen on validation: training's random resized crops show the network slightly zoomed-in images).
     Several checkpoints trained with the same preprocessing are exported as one ensemble (mean of their logits).
+    ``segmenter`` (a segmenter bundle) is copied into the bundle as ``lungs/``: predict then reports lung attention
+    and applies the lung gate; a classifier trained on lung views needs it (default: the one it was trained with).
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
@@ -250,9 +256,17 @@ def export_bundle(
     original = copy.deepcopy(model)  # as trained, before fp16 rounding
     manifest = Path(manifest or cfg["data"]["manifest"])
     df = load_manifest(manifest)
-    images = build_cache(df, spec, Path(cfg["data"].get("cache_dir", Path(out_dir) / ".cache")))
+    if segmenter is None and spec.lungs != "none":
+        segmenter = Path(cfg["data"].get("segmenter") or default_segmenter_dir())
+    cache_dir = Path(cfg["data"].get("cache_dir", Path(out_dir) / ".cache"))
+    if spec.lungs == "none":
+        images = build_cache(df, spec, cache_dir)
+    else:
+        images = build_lung_cache(df, spec, cache_dir, segmenter)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
+        if segmenter is not None:
+            shutil.copytree(segmenter, tmp / "lungs")
         module, fp16 = export_module(model, fp16=quantize == "none")
         to_onnx(module, spec, tmp / "model.onnx")
         if fp16:
@@ -265,13 +279,15 @@ def export_bundle(
         }
         np.savez(tmp / "extras.npz", **extras)
         meta = _base_meta(configs, spec, tmp, model)
+        if segmenter is not None:
+            seg_meta = read_segmenter_meta(tmp / "lungs")
+            meta["segmenter"] = {"path": "lungs", "sha256": seg_meta["onnx_sha256"], "name": seg_meta.get("name")}
         if spec.border != trained_border:
             meta["inference_border"] = {"trained": trained_border, "used": spec.border, "chosen_on": "validation"}
         (tmp / "model.json").write_text(json.dumps(meta))
         engine = Engine(tmp)
         va = np.flatnonzero(df["split"] == "val")[:32]
-        paths = list(df["abspath"].iloc[va])
-        x = np.stack([preprocess(p, spec) for p in paths])
+        x = normalise(np.asarray(images[va]), spec)
         meta["parity_max_prob_diff"] = check_parity(module, engine, x)
         meta["weights"] = "fp16 (conv-bn fused, computed in fp32)" if fp16 else "fp32"
         if fp16:  # effect of fp16 weight storage against the checkpoint as trained

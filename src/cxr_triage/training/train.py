@@ -27,6 +27,7 @@ from cxr_triage.core.classes import CLASS_IDS, NUM_CLASSES
 from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.data.manifest import load_manifest
 from cxr_triage.training.datasets import CachedImages, build_augment, build_cache, label_indices, sample_weights
+from cxr_triage.training.lungcache import build_extra_cache, build_lung_cache, load_extra_masked
 from cxr_triage.training.model import create_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -208,22 +209,30 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
 
     d = cfg["data"]
     df = load_manifest(Path(d["manifest"]))
-    images = build_cache(
-        df,
-        spec,
-        Path(d["cache_dir"]),
-        progress=lambda it, n: track(it, total=n, description="decoding images once"),
-    )
+    progress = lambda it, n: track(it, total=n, description="decoding images once")  # noqa: E731
+    if spec.lungs == "none":
+        images = build_cache(df, spec, Path(d["cache_dir"]), progress=progress)
+    else:
+        seg = Path(d["segmenter"]) if d.get("segmenter") else None
+        images = build_lung_cache(df, spec, Path(d["cache_dir"]), seg, progress=progress)
     labels = label_indices(df)
     tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
     if len(tr) == 0 or len(va) == 0:
         raise ValueError("the manifest needs both 'train' and 'val' rows; re-run ingest with --val > 0")
     tr = subsample_classes(tr, labels, d.get("class_fraction") or {}, int(cfg["seed"]))
-    train_ds = CachedImages(images[tr], labels[tr], spec, build_augment(cfg["augment"], spec.size))
+    train_images, train_labels = images[tr], labels[tr]
+    if d.get("extra_masked"):
+        if spec.lungs != "mask":
+            raise ValueError("data.extra_masked needs preprocess.lungs: mask (those images hold nothing but lungs)")
+        extra = load_extra_masked(Path(d["extra_masked"]), df)
+        train_images = np.concatenate([train_images, build_extra_cache(extra, spec, Path(d["cache_dir"]))])
+        train_labels = np.concatenate([train_labels, label_indices(extra)])
+    augment = build_augment(cfg["augment"], spec.size, lung_view=spec.lungs == "mask")
+    train_ds = CachedImages(train_images, train_labels, spec, augment)
     val_ds = CachedImages(images[va], labels[va], spec)
-    n = int(d.get("epoch_samples") or 0) or len(tr)
+    n = int(d.get("epoch_samples") or 0) or len(train_labels)
     gen = torch.Generator().manual_seed(int(cfg["seed"]))
-    sampler = WeightedRandomSampler(sample_weights(labels[tr], d["balance_alpha"]).tolist(), n, generator=gen)
+    sampler = WeightedRandomSampler(sample_weights(train_labels, d["balance_alpha"]).tolist(), n, generator=gen)
     nw = int(d["num_workers"])
     common = {"batch_size": d["batch_size"], "num_workers": nw, "persistent_workers": nw > 0}
     train_dl = DataLoader(train_ds, sampler=sampler, drop_last=True, **common)
@@ -232,7 +241,7 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
         s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in CLASS_IDS}
         for s in ("train", "val", "test")
     }
-    counts["train"] = {c: int((labels[tr] == i).sum()) for i, c in enumerate(CLASS_IDS)}  # after class_fraction
+    counts["train"] = {c: int((train_labels == i).sum()) for i, c in enumerate(CLASS_IDS)}  # after fraction/extras
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
 
 

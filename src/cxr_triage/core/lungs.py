@@ -1,0 +1,164 @@
+"""Lung masks without torch: clean-up, geometry, the lung views of the classifier input, lung attention.
+
+A lung mask here is a 2-D bool array over an image (any size). The segmenter's raw output is cleaned by
+``clean_mask`` (the two largest components, holes filled); ``lung_box`` and ``lung_stats`` describe it;
+``lung_view`` turns (grey image, mask) into the classifier's square input for ``PreprocessSpec.lungs`` =
+``crop`` (the lungs' bounding box plus a margin) or ``mask`` (the same, zero outside the mask, the lung
+intensities equalised inside the mask only, so that the mask's size cannot shift the grey levels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+from scipy import ndimage
+
+from cxr_triage.core.preprocess import PreprocessSpec, square
+
+MIN_LUNG_FRACTION = 0.02  # a lung component smaller than this share of the image is noise
+LUNG_GATE = {"min_area": 0.05, "max_area": 0.75}  # lung area share outside which predict rejects / abstains
+
+
+@dataclass(frozen=True)
+class LungStats:
+    """What a mask says about the image: lung area share and whether each side holds a lung."""
+
+    area_fraction: float
+    left_found: bool  # the patient's left lung: the image's right half (radiological convention)
+    right_found: bool
+
+    @property
+    def both_found(self) -> bool:
+        return self.left_found and self.right_found
+
+
+def clean_mask(mask: np.ndarray, keep: int = 2) -> np.ndarray:
+    """Keep the ``keep`` largest connected components (each at least MIN_LUNG_FRACTION / 4 of the image), fill
+    holes: bool array of the same shape."""
+    mask = np.asarray(mask, bool)
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:keep]
+    order = [i for i in order if sizes[i] >= MIN_LUNG_FRACTION / 4 * mask.size]
+    out = np.isin(labels, np.asarray(order) + 1)
+    return ndimage.binary_fill_holes(out)
+
+
+def lung_stats(mask: np.ndarray) -> LungStats:
+    """Area share and per-side presence (a side counts when it holds >= MIN_LUNG_FRACTION / 2 of the image)."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    half = w // 2
+    need = MIN_LUNG_FRACTION / 2 * mask.size
+    return LungStats(
+        area_fraction=float(mask.mean()),
+        right_found=bool(mask[:, :half].sum() >= need),
+        left_found=bool(mask[:, half:].sum() >= need),
+    )
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bool mask resized to (h, w) (bilinear on 0/255, then half threshold: smooth edges when upsampling)."""
+    if mask.shape == tuple(shape):
+        return np.asarray(mask, bool)
+    im = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.asarray(im) >= 128
+
+
+def lung_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of the mask's bounding box grown by ``margin`` x its size per side, clipped; None if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    h, w = mask.shape
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    my, mx = round((y1 - y0) * margin), round((x1 - x0) * margin)
+    return max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
+
+
+def equalize_inside(u8: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Histogram-equalise the pixels inside ``inside`` to 1..255; outside becomes 0 (0 means 'not lung')."""
+    out = np.zeros_like(u8)
+    vals = u8[inside]
+    if vals.size == 0:
+        return out
+    hist = np.bincount(vals, minlength=256).astype(np.float64)
+    cdf = np.cumsum(hist)
+    lut = 1 + np.floor(254 * (cdf - cdf[vals.min()]) / max(cdf[-1] - cdf[vals.min()], 1))
+    out[inside] = np.clip(lut, 1, 255).astype(np.uint8)[vals]
+    return out
+
+
+def lung_view(grey: np.ndarray, mask: np.ndarray | None, size: int, mode: str, margin: float) -> np.ndarray:
+    """The classifier's square uint8 input from the grey image and its lung mask (any resolution).
+
+    ``crop``: the lungs' box plus margin, resized (stretch) to ``size`` and equalised. ``mask``: the same box, zero
+    outside the mask (no dilation: masks from other segmenters end exactly at their outline too), equalised inside
+    only. No lungs (mask None or empty): the whole image is used (``mask`` mode: an all-zero input), and the
+    caller's lung gate decides what to say.
+    """
+    if mode not in ("crop", "mask"):
+        raise ValueError(f"lung view mode must be 'crop' or 'mask', got {mode!r}")
+    m = resize_mask(mask, grey.shape) if mask is not None else np.zeros(grey.shape, bool)
+    box = view_box(m, margin)
+    if mode == "mask" and not m.any():
+        return np.zeros((size, size), np.uint8)
+    crop = crop_resize(grey, box, size)
+    if mode == "crop":
+        return np.asarray(ImageOps.equalize(Image.fromarray(crop)), np.uint8)
+    return equalize_inside(crop, crop_resize(m, box, size))
+
+
+def view_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """The image region a lung view shows: the mask's box plus margin, or the whole image when there is no lung."""
+    return lung_box(mask, margin) or (0, mask.shape[0], 0, mask.shape[1])
+
+
+def crop_resize(arr: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """``arr[box]`` resized to size x size: bilinear for uint8 images, half-threshold for bool masks."""
+    y0, y1, x0, x1 = box
+    part = np.ascontiguousarray(arr[y0:y1, x0:x1])
+    if part.dtype == bool:
+        return resize_mask(part, (size, size))
+    return np.asarray(Image.fromarray(part).resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+
+
+def input_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The image's lung mask in the classifier input's coordinates (what its heatmap covers): bool size x size."""
+    if spec.lungs == "none":
+        geo = PreprocessSpec(size=spec.size, resize=spec.resize, border=spec.border, equalize=False)
+        return square(np.asarray(mask, np.uint8) * 255, geo) > 127
+    return crop_resize(np.asarray(mask, bool), view_box(mask, spec.lung_margin), spec.size)
+
+
+def lung_attention(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the class-activation mass (cam >= 0, any resolution) that falls inside the lung mask."""
+    cam = np.asarray(cam, np.float32)
+    if cam.shape != mask.shape:
+        cam = np.asarray(Image.fromarray(cam).resize((mask.shape[1], mask.shape[0]), Image.Resampling.BILINEAR))
+    cam = np.maximum(cam, 0)
+    total = float(cam.sum())
+    return float(cam[np.asarray(mask, bool)].sum() / total) if total > 0 else 0.0
+
+
+def lung_gate(stats: LungStats, min_area: float, max_area: float) -> tuple[str | None, str]:
+    """(decision override or None, reason): no lung field -> 'rejected'; one lung only or an implausible lung area
+    -> 'uncertain' (a caller keeps a stricter decision it already has)."""
+    if stats.area_fraction < min_area or not (stats.left_found or stats.right_found):
+        return "rejected", f"no lung fields found (lung area {stats.area_fraction:.1%}): not a frontal chest X-ray"
+    if not stats.both_found:
+        side = "right" if stats.right_found else "left"
+        return "uncertain", f"only the {side} lung field was found"
+    if stats.area_fraction > max_area:
+        return "uncertain", f"lung area {stats.area_fraction:.0%} of the image is implausibly large"
+    return None, ""
+
+
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The mask's boundary pixels (bool), ``width`` pixels wide: what overlays draw."""
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, iterations=width)

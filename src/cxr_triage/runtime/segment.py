@@ -1,0 +1,172 @@
+"""Lung masks with onnxruntime (no torch): the segmenter bundle, batch inference, ``cxr-triage segment`` rows.
+
+A segmenter bundle is a folder: ``model.onnx`` (input ``input`` (N, 1, S, S), output ``logits`` (N, 1, S, S)) and
+``model.json`` (format, preprocessing spec, metrics, sha256 of the graph). The shipped one is ``assets/lungs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_triage.core.lungs import LungStats, clean_mask, lung_stats, resize_mask
+from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, square
+from cxr_triage.runtime.engine import BundleError, sha256_file
+
+SEG_BUNDLE_FORMAT = "cxr-triage-segmenter/1"
+SEGMENT_COLUMNS = ["path", "lung_area_fraction", "left_found", "right_found", "mask_path", "error"]
+
+
+def default_segmenter_dir() -> Path:
+    """The segmenter shipped inside the package, within the shipped classifier bundle (``assets/model/lungs``)."""
+    return Path(str(resources.files("cxr_triage") / "assets" / "model" / "lungs"))
+
+
+def read_segmenter_meta(bundle_dir: Path) -> dict[str, Any]:
+    """model.json of a segmenter bundle, checked: format, spec and the graph's sha256."""
+    meta_path = Path(bundle_dir) / "model.json"
+    if not meta_path.exists():
+        raise BundleError(f"{bundle_dir} is not a segmenter bundle (no model.json); export one with `export-seg`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SEG_BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: not a {SEG_BUNDLE_FORMAT!r} bundle")
+    try:
+        PreprocessSpec.from_dict(meta["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: bad preprocessing spec ({exc})") from None
+    onnx = Path(bundle_dir) / "model.onnx"
+    if not onnx.exists() or sha256_file(onnx) != meta.get("onnx_sha256"):
+        raise BundleError(f"{onnx} is missing or does not match the sha256 in model.json: re-export the segmenter")
+    return meta
+
+
+class LungSegmenter:
+    """An onnxruntime session over a segmenter bundle: grey images -> cleaned lung masks at their own size."""
+
+    def __init__(self, bundle_dir: str | Path | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.dir = Path(bundle_dir) if bundle_dir else default_segmenter_dir()
+        self.meta = read_segmenter_meta(self.dir)
+        self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    @property
+    def info(self) -> dict[str, str]:
+        return {
+            "name": self.meta.get("name", ""),
+            "version": self.meta.get("version", ""),
+            "sha256": self.meta["onnx_sha256"],
+        }
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw lung logits (N, S, S) for a float32 batch (N, 1, S, S)."""
+        return self.session.run(["logits"], {"input": np.ascontiguousarray(x, np.float32)})[0][:, 0]
+
+    def square_masks(self, squares: list[np.ndarray]) -> list[np.ndarray]:
+        """Cleaned masks (bool, S x S) for uint8 squares already made with this segmenter's spec."""
+        if not squares:
+            return []
+        raw = self.logits(normalise(np.stack(squares), self.spec)) > 0
+        return [clean_mask(m) for m in raw]
+
+    def masks(self, greys: list[np.ndarray]) -> list[np.ndarray]:
+        """Cleaned lung masks (bool) at each grey image's own height x width."""
+        small = self.square_masks([square(g, self.spec) for g in greys])
+        return [self.to_image(m, g.shape) for m, g in zip(small, greys, strict=True)]
+
+    def to_image(self, small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """A mask at the network's square size back onto the image (undoing border trim and the square rule)."""
+        h, w = shape
+        s = self.spec
+        dy, dx = round(h * s.border), round(w * s.border)
+        ih, iw = h - 2 * dy, w - 2 * dx
+        out = np.zeros((h, w), bool)
+        if s.resize == "stretch" or ih == iw:
+            out[dy : dy + ih, dx : dx + iw] = resize_mask(small, (ih, iw))
+        elif s.resize == "crop":
+            side = min(ih, iw)
+            y0, x0 = dy + (ih - side) // 2, dx + (iw - side) // 2
+            out[y0 : y0 + side, x0 : x0 + side] = resize_mask(small, (side, side))
+        else:  # pad
+            side = max(ih, iw)
+            big = resize_mask(small, (side, side))
+            y0, x0 = (side - ih) // 2, (side - iw) // 2
+            out[dy : dy + ih, dx : dx + iw] = big[y0 : y0 + ih, x0 : x0 + iw]
+        return out
+
+
+def segmenter_for(bundle_dir: Path, meta: dict[str, Any], spec: PreprocessSpec) -> LungSegmenter | None:
+    """The lung segmenter a classifier bundle carries (model.json ``segmenter``: a sub-folder, checked by sha256), or
+    None for a bundle without one (then: no lung attention, no lung gate). A classifier that reads lung views
+    cannot work without its segmenter (BundleError)."""
+    ref = meta.get("segmenter")
+    if not isinstance(ref, dict) or not ref.get("path"):
+        if spec.lungs != "none":
+            raise BundleError(f"{bundle_dir}: this classifier reads lung views but its bundle names no lung segmenter")
+        return None
+    place = (Path(bundle_dir) / ref["path"]).resolve()
+    if Path(bundle_dir).resolve() not in place.parents:
+        raise BundleError(f"{bundle_dir}: segmenter path {ref['path']!r} leaves the bundle folder")
+    seg = LungSegmenter(place)
+    if ref.get("sha256") != seg.meta["onnx_sha256"]:
+        raise BundleError(f"{place} is not the lung segmenter this bundle was made with (sha256 differs); re-export")
+    return seg
+
+
+def _mask_name(path: str, taken: set[str]) -> str:
+    """``<stem>.png``, or ``<stem>-2.png``... when another input of the batch has the same stem."""
+    stem, k = Path(path).stem, 1
+    name = f"{stem}.png"
+    while name in taken:
+        k += 1
+        name = f"{stem}-{k}.png"
+    taken.add(name)
+    return name
+
+
+def segment_paths(seg: LungSegmenter, paths: list[str], out_dir: Path) -> Iterator[dict[str, Any]]:
+    """One ``segment.csv`` row per path, in order; writes ``<stem>.png`` (0/255, the input's own size) per image.
+    Unreadable inputs give a row with ``error`` and no mask."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    for path in paths:
+        try:
+            grey = load_grey(path)
+        except ImageReadError as exc:
+            yield segment_row(path, None, "", str(exc))
+            continue
+        except (OSError, MemoryError) as exc:
+            yield segment_row(path, None, "", f"{path}: cannot read ({type(exc).__name__}: {exc})")
+            continue
+        mask = seg.masks([grey])[0]
+        target = out_dir / _mask_name(path, taken)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(target)
+        yield segment_row(path, lung_stats(mask), str(target), "")
+
+
+def segment_row(path: str, stats: LungStats | None, mask_path: str, error: str) -> dict[str, Any]:
+    """One ``segment.csv`` row."""
+    return {
+        "path": path,
+        "lung_area_fraction": round(stats.area_fraction, 4) if stats else "",
+        "left_found": stats.left_found if stats else "",
+        "right_found": stats.right_found if stats else "",
+        "mask_path": mask_path,
+        "error": error,
+    }

@@ -1,0 +1,278 @@
+"""The lung segmenter end to end on generated shapes: train-seg -> export-seg (parity, Dice) -> segment (CLI),
+and the torch-free lung helpers (clean-up, views, gate, attention), the extra-set view and lung-hole augmentation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr_triage.core.config import load_config
+from cxr_triage.core.lungs import (
+    LungStats,
+    clean_mask,
+    input_mask,
+    lung_attention,
+    lung_gate,
+    lung_stats,
+    lung_view,
+)
+from cxr_triage.core.preprocess import PreprocessSpec
+from cxr_triage.training.datasets import RandomLungHoles
+from cxr_triage.training.lungcache import masked_extra_view
+from cxr_triage.training.segdata import find_pairs, patient_group, split_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chest(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A generated 'chest': two dark lung ellipses in a bright body on a dark background; (image, mask bool)."""
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    body = ((xx - 0.5) ** 2 / 0.2 + (yy - 0.55) ** 2 / 0.3) < 1
+    cy = 0.5 + rng.uniform(-0.05, 0.05)
+    lungs = np.zeros((h, w), bool)
+    for cx in (0.32, 0.68):
+        cx += rng.uniform(-0.03, 0.03)
+        lungs |= ((xx - cx) ** 2 / rng.uniform(0.008, 0.014) + (yy - cy) ** 2 / rng.uniform(0.06, 0.09)) < 1
+    img = 20 + 150 * body - 90 * lungs + rng.normal(0, 8, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8), lungs
+
+
+def write_pairs(root: Path, n: int = 28, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = ["image,mask,origin"]
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(80, 121, 2))
+        img, mask = chest(h, w, rng)
+        stem = f"CHNCXR_{i:04d}_{i % 2}" if i % 3 else f"case{i}-day{i % 4}"
+        Image.fromarray(img).save(root / "images" / f"{stem}.jpg", quality=92)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{stem}.png")
+        rows.append(f"images/{stem}.jpg,masks/{stem}.png,{'shenzhen' if i % 3 else 'covid-multi'}")
+    (root / "sources.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def seg_bundle(tmp_path_factory):
+    """A seconds-long smoke segmenter trained on generated chests, exported (fp32 and int8 tried)."""
+    from cxr_triage.training.export_seg import export_segmenter
+    from cxr_triage.training.segmenter import train_segmenter
+
+    tmp = tmp_path_factory.mktemp("seg")
+    pairs = write_pairs(tmp / "pairs")
+    cfg = load_config(
+        REPO / "configs" / "segment.yaml",
+        [
+            "name=smoke",
+            f"out_dir={tmp / 'runs'}",
+            f"data.pairs={pairs}",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "preprocess.size=64",
+            "model.channels=[8,16,32]",
+            "trainer.max_epochs=30",
+            "trainer.progress_bar=false",
+            "optim.lr=0.01",
+        ],
+    )
+    run = train_segmenter(cfg)
+    meta = export_segmenter(run / "best.pt", tmp / "bundle")
+    return tmp / "bundle", meta, run, pairs
+
+
+def test_split_is_group_aware_and_per_origin(tmp_path):
+    df = find_pairs(write_pairs(tmp_path / "p", n=40))
+    assert patient_group("CHNCXR_0001_1") == "CHNCXR_0001" and patient_group("x-day5") == "x"
+    split = split_pairs(df, 0.2, 0.2, seed=3)
+    assert (split.groupby(df["group"]).nunique() == 1).all()  # one patient, one side
+    for _, sub in df.assign(split=split).groupby("origin"):
+        assert set(sub["split"]) == {"train", "val", "test"}
+    assert split.equals(split_pairs(df, 0.2, 0.2, seed=3))
+
+
+def test_train_and_export(seg_bundle):
+    bundle, meta, run, _ = seg_bundle
+    assert (run / "best.pt").exists() and (run / "history.csv").exists()
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["format"].startswith("cxr-triage-segmenter")
+    assert meta["parity_max_prob_diff"] < 1e-3
+    assert meta["weights"].startswith(("int8", "fp32"))
+    q = meta["quantization"]
+    assert q["kept"] == (q["val_dice_fp32"] - q["val_dice_int8"] <= 0.005)
+    held = meta["heldout"]
+    assert held["all"]["n"] >= 4 and {"shenzhen", "covid-multi", "nlm"} <= set(held)
+    assert held["all"]["dice_mean"] > 0.7  # the shapes are easy: a segmenter that learned nothing scores ~0.3
+    on_disk = json.loads((bundle / "model.json").read_text())
+    assert on_disk["onnx_sha256"] == meta["onnx_sha256"]
+
+
+def test_segment_cli(seg_bundle, tmp_path):
+    bundle, _, _, pairs = seg_bundle
+    imgs = sorted((pairs / "images").iterdir())[:3]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    out = tmp_path / "masks"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_triage.cli",
+            "segment",
+            *map(str, imgs),
+            str(bad),
+            "--out",
+            str(out),
+            "--model",
+            str(bundle),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 3, proc.stderr
+    rows = list(csv.DictReader(open(out / "segment.csv")))
+    assert [r["path"] for r in rows] == [*map(str, imgs), str(bad)]
+    assert rows[-1]["error"] and not rows[-1]["mask_path"]
+    for img, row in zip(imgs, rows, strict=False):
+        mask = np.asarray(Image.open(out / f"{img.stem}.png"))
+        assert mask.shape == np.asarray(Image.open(img)).shape  # the input's own size
+        assert set(np.unique(mask)) <= {0, 255}
+        assert abs(float(row["lung_area_fraction"]) - (mask > 0).mean()) < 1e-3
+        assert row["left_found"] == "True" and row["right_found"] == "True"
+
+
+def test_clean_mask_keeps_two_lungs_and_fills_holes():
+    m = np.zeros((100, 100), bool)
+    m[20:80, 10:40] = m[20:80, 60:90] = True
+    m[50:55, 20:25] = False  # a hole
+    m[2:4, 2:4] = True  # a speck
+    c = clean_mask(m)
+    assert c[52, 22] and not c[3, 3]
+    s = lung_stats(c)
+    assert s.both_found and 0.3 < s.area_fraction < 0.4
+    one = c.copy()
+    one[:, 50:] = False  # the image's right half holds the patient's left lung
+    assert lung_stats(one).right_found and not lung_stats(one).left_found
+
+
+def test_lung_view_and_attention():
+    rng = np.random.default_rng(0)
+    grey, mask = chest(120, 100, rng)
+    view = lung_view(grey, mask, 64, "mask", 0.08)
+    inside = input_mask(mask, PreprocessSpec(size=64, lungs="mask"))
+    assert view.shape == (64, 64) and (view[~inside] == 0).all() and (view[inside] > 0).mean() > 0.99
+    crop = lung_view(grey, mask, 64, "crop", 0.08)
+    assert (crop > 0).mean() > 0.9  # the crop keeps what is around the lungs
+    assert lung_view(grey, None, 64, "mask", 0.08).max() == 0
+    cam = inside.astype(np.float32)
+    assert lung_attention(cam, inside) == pytest.approx(1.0)
+    assert lung_attention(1 - cam, inside) == pytest.approx(0.0)
+    whole = input_mask(mask, PreprocessSpec(size=64))
+    assert whole.shape == (64, 64) and 0.1 < whole.mean() < 0.5
+
+
+def test_lung_gate():
+    assert lung_gate(LungStats(0.01, False, False), 0.05, 0.75)[0] == "rejected"
+    decision, reason = lung_gate(LungStats(0.2, True, False), 0.05, 0.75)
+    assert decision == "uncertain" and "left" in reason
+    assert lung_gate(LungStats(0.9, True, True), 0.05, 0.75)[0] == "uncertain"
+    assert lung_gate(LungStats(0.3, True, True), 0.05, 0.75) == (None, "")
+
+
+def test_masked_extra_view_inverts_back():
+    rng = np.random.default_rng(1)
+    grey, mask = chest(120, 120, rng)
+    inverted = np.where(mask, 255 - grey, 0).astype(np.uint8)
+    view = masked_extra_view(inverted, PreprocessSpec(size=64, lungs="mask"))
+    ref = lung_view(grey, mask, 64, "mask", 0.08)
+    both = (view > 0) & (ref > 0)
+    assert both.mean() > 0.3
+    assert np.corrcoef(view[both].astype(float), ref[both].astype(float))[0, 1] > 0.8  # same polarity as the pool
+
+
+def test_lung_holes_cut_inside_only():
+    rng = np.random.default_rng(2)
+    grey, mask = chest(96, 96, rng)
+    view = torch.from_numpy(lung_view(grey, mask, 96, "mask", 0.08))[None]
+    torch.manual_seed(0)
+    cut = RandomLungHoles(1.0, 1.0)(view)
+    assert (cut[view == 0] == 0).all()
+    assert (cut == 0).sum() > (view == 0).sum()
+    assert torch.equal(RandomLungHoles(0.0, 0.0)(view), view)
+
+
+def test_whole_image_bundle_with_segmenter(smoke_run, seg_bundle, tmp_path):
+    """A whole-image classifier carrying a segmenter: lung attention per row, the lung gate, the outline drawn."""
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.runtime.predict import overlay, predict_arrays
+    from cxr_triage.training.export import export_bundle
+
+    meta = export_bundle(smoke_run / "best.pt", tmp_path / "b", quantize="none", segmenter=seg_bundle[0])
+    assert meta["segmenter"]["path"] == "lungs" and (tmp_path / "b" / "lungs" / "model.onnx").exists()
+    engine = Engine(tmp_path / "b")
+    assert engine.segmenter is not None
+    chest_img, _ = chest(110, 100, np.random.default_rng(5))
+    blank = np.zeros((100, 100), np.uint8)
+    rows = predict_arrays(engine, [chest_img, blank], heatmaps=True)
+    assert 0.0 <= rows[0]["lung_attention"] <= 1.0
+    assert rows[1]["decision"] == "rejected" and "no lung fields" in rows[1]["lung_note"]
+    assert "heatmap" not in rows[1]
+    mask = engine.segmenter.masks([chest_img])[0]
+    heat = overlay(chest_img, np.ones((4, 4), np.float32), engine.spec, lungs=mask)
+    assert heat.shape == (110, 100, 3)
+    assert ((heat == (0, 255, 255)).all(axis=2)).sum() > 20  # the lung outline, in cyan
+
+
+def test_lung_view_classifier_with_extra_set(smoke_manifest, seg_bundle, tmp_path):
+    """preprocess.lungs=mask + a lung-masked extra set: trains, exports with its segmenter, refuses to run without."""
+    from cxr_triage.runtime.engine import BundleError, Engine
+    from cxr_triage.runtime.predict import predict_paths
+    from cxr_triage.training.export import export_bundle
+    from cxr_triage.training.train import train
+
+    from .conftest import smoke_config
+
+    extra = tmp_path / "extra"
+    (extra / "Lung_Opacity").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    rows = ["file,label,same_patient_as"]
+    for i in range(6):
+        grey, mask = chest(96, 96, rng)
+        Image.fromarray(np.where(mask, 255 - grey, 0).astype(np.uint8)).save(extra / "Lung_Opacity" / f"p{i}.jpg")
+        rows.append(f"Lung_Opacity/p{i}.jpg,Lung_Opacity,")
+    (extra / "sources.csv").write_text("\n".join(rows) + "\n")
+    cfg = smoke_config(
+        tmp_path / "runs",
+        smoke_manifest,
+        "lungview",
+        [
+            "preprocess.lungs=mask",
+            f"data.segmenter={seg_bundle[0]}",
+            f"data.extra_masked={extra}",
+            "augment.holes_p=0.5",
+            "augment.lobe_p=0.5",
+            "trainer.max_epochs=1",
+        ],
+    )
+    run = train(cfg)
+    counts = torch.load(run / "best.pt", weights_only=True)["extra"]["counts"]
+    assert counts["train"]["lung_opacity"] >= 6  # the extra images joined the training split only
+    out = tmp_path / "bundle"
+    meta = export_bundle(run / "best.pt", out, quantize="none")
+    assert meta["preprocess"]["lungs"] == "mask" and meta["segmenter"]["sha256"] == seg_bundle[1]["onnx_sha256"]
+    img = sorted((seg_bundle[3] / "images").iterdir())[0]
+    row = next(predict_paths(Engine(out), [str(img)]))
+    assert row["decision"] in ("accept", "uncertain", "rejected") and 0 <= row["lung_attention"] <= 1
+    import shutil
+
+    shutil.rmtree(out / "lungs")
+    with pytest.raises(BundleError):
+        Engine(out)
