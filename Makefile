@@ -27,7 +27,8 @@ venv-full: $(VENV)/.full
 
 demo: $(VENV)/.base
 	$(BIN)/cxr-triage predict src/cxr_triage/assets/samples --heatmaps $(HEATMAPS)
-	@echo "Heatmap overlays written to $(HEATMAPS)/"
+	$(BIN)/cxr-triage segment src/cxr_triage/assets/samples --out $(HEATMAPS)/lungs
+	@echo "Heatmap overlays (lung outlines in cyan) in $(HEATMAPS)/, lung masks in $(HEATMAPS)/lungs/"
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check src tests benchmarks
@@ -46,15 +47,23 @@ BUNDLE := src/cxr_triage/assets/model
 # inference border trim, chosen on validation (benchmarks/RESULTS.md)
 BORDER ?= 0.06
 
-.PHONY: data eda train-model bundle reports
+SEG_RUN ?= lungs-128
+SEGMENTER ?= runs/lungs-bundle
+
+.PHONY: data eda train-model bundle reports train-seg seg-bundle
 data: $(VENV)/.full
 	$(BIN)/cxr-triage ingest $(DATASET) --out runs/data
 eda: data
 	$(BIN)/cxr-triage eda runs/data/manifest.csv --out runs/eda
 train-model: $(VENV)/.full
 	$(BIN)/cxr-triage train --config configs/default.yaml name=$(RUN)
+# the lung segmenter (about 10 minutes): ../shared/data/lung-masks -> runs/$(SEG_RUN) -> $(SEGMENTER)
+train-seg: $(VENV)/.full
+	$(BIN)/cxr-triage train-seg --config configs/segment.yaml name=$(SEG_RUN)
+seg-bundle: $(VENV)/.full
+	$(BIN)/cxr-triage export-seg runs/$(SEG_RUN)/best.pt --out $(SEGMENTER)
 bundle: $(VENV)/.full
-	$(BIN)/cxr-triage export runs/$(RUN)/best.pt --out $(BUNDLE) --border $(BORDER)
+	$(BIN)/cxr-triage export runs/$(RUN)/best.pt --out $(BUNDLE) --border $(BORDER) --segmenter $(SEGMENTER)
 reports: $(VENV)/.full
 	$(BIN)/cxr-triage evaluate --model $(BUNDLE) --data runs/data/manifest.csv --split test --out reports/test --record
 	$(BIN)/cxr-triage evaluate --model $(BUNDLE) --data $(EXTERNAL) --out reports/external

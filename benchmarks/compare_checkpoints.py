@@ -28,12 +28,19 @@ from cxr_triage.data.manifest import load_manifest
 from cxr_triage.evaluation.metrics import classification_metrics
 from cxr_triage.runtime.engine import softmax
 from cxr_triage.training.datasets import build_cache, label_indices
+from cxr_triage.training.lungcache import build_lung_cache
 from cxr_triage.training.model import load_checkpoint
 
 
-def view_probs(model: torch.nn.Module, spec: PreprocessSpec, df: pd.DataFrame, cache_dir: Path) -> np.ndarray:
-    """Softmax of one checkpoint on every row of ``df`` at one preprocessing spec (fp32, batches of 128)."""
-    images = build_cache(df, spec, cache_dir)
+def view_probs(
+    model: torch.nn.Module, spec: PreprocessSpec, df: pd.DataFrame, cache_dir: Path, segmenter: str | None = None
+) -> np.ndarray:
+    """Softmax of one checkpoint on every row of ``df`` at one preprocessing spec (fp32, batches of 128); lung views
+    go through the checkpoint's lung segmenter (``data.segmenter``)."""
+    if spec.lungs == "none":
+        images = build_cache(df, spec, cache_dir)
+    else:
+        images = build_lung_cache(df, spec, cache_dir, Path(segmenter) if segmenter else None)
     with torch.inference_mode():
         logits = np.concatenate(
             [
@@ -76,7 +83,7 @@ def main() -> None:
         for size, border in itertools.product(sizes, borders):
             name = f"{ckpt} @ {size} @ {border:g}"
             spec_v = dataclasses.replace(spec, size=size, border=border)
-            views[name] = view_probs(model, spec_v, part, Path(cfg["data"]["cache_dir"]))
+            views[name] = view_probs(model, spec_v, part, Path(cfg["data"]["cache_dir"]), cfg["data"].get("segmenter"))
             row(name, views[name])
     if a.ensemble:
         for r in range(2, len(views) + 1):

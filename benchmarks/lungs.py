@@ -1,0 +1,126 @@
+"""Lung segmenter (issue 11): speed beside the classifier, predict throughput with and without it, cold start,
+bundle size, and what the lung gate does to rejection (non-chest images) and false rejection (a manifest split).
+
+Usage: python benchmarks/lungs.py BUNDLE [--manifest runs/data/manifest.csv --split test] [--files 512]
+                                  [--runs 200] [--json out.json]
+
+BUNDLE must carry a segmenter (``lungs/``). "Without" runs the same bundle with ``engine.segmenter = None`` (no lung
+masks, no lung gate, no lung attention), side by side in one process, interleaved (this machine's speed drifts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import cpu_model, interleaved, summary  # noqa: E402
+
+from cxr_triage.core.preprocess import normalise, square  # noqa: E402
+from cxr_triage.evaluation.evaluate import ood_images  # noqa: E402
+from cxr_triage.runtime.engine import Engine  # noqa: E402
+from cxr_triage.runtime.predict import predict_arrays, predict_paths  # noqa: E402
+
+
+def latency(engine: Engine, runs: int) -> dict[str, dict[str, float]]:
+    seg = engine.segmenter
+    xc = normalise(np.zeros((1, engine.spec.size, engine.spec.size), np.uint8) + 120, engine.spec)
+    xs = normalise(np.zeros((1, seg.spec.size, seg.spec.size), np.uint8) + 120, seg.spec)
+    times = interleaved({"classifier": lambda: engine.forward(xc), "segmenter": lambda: seg.logits(xs)}, runs)
+    return {k: summary(v) for k, v in times.items()}
+
+
+def throughput(engine: Engine, files: list[str], rounds: int = 3) -> dict[str, float]:
+    seg = engine.segmenter
+    out: dict[str, list[float]] = {"with segmenter": [], "without segmenter": []}
+    for _ in range(rounds):
+        for name in out:
+            engine.segmenter = seg if name == "with segmenter" else None
+            t0 = time.perf_counter()
+            n = sum(1 for _ in predict_paths(engine, files, batch_size=32))
+            out[name].append(n / (time.perf_counter() - t0))
+    engine.segmenter = seg
+    res = {k: statistics.median(v) for k, v in out.items()}
+    res["drop"] = 1 - res["with segmenter"] / res["without segmenter"]
+    return res
+
+
+def cold_start(bundle: Path, image: str, runs: int = 7) -> float:
+    code = (
+        "import time; t0 = time.perf_counter(); from cxr_triage.runtime.engine import Engine; "
+        f"from cxr_triage.runtime.predict import predict_paths; e = Engine({str(bundle)!r}); "
+        f"list(predict_paths(e, [{image!r}])); print(time.perf_counter() - t0)"
+    )
+    ts = [
+        float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+        for _ in range(runs)
+    ]
+    return statistics.median(ts)
+
+
+def gates(engine: Engine, manifest: Path | None, split: str) -> dict[str, object]:
+    """Rejected share of non-chest images and of a split's chest X-rays, with and without the lung gate."""
+    from cxr_triage.core.preprocess import load_grey
+    from cxr_triage.data.manifest import load_manifest
+
+    images, _ = ood_images()
+    greys = [load_grey(a) for _, _, a in images]
+    seg, res = engine.segmenter, {}
+    df = load_manifest(manifest) if manifest else None
+    paths = list(df.loc[df["split"] == split, "abspath"]) if df is not None else []
+    for name, s in (("with lung gate", seg), ("without lung gate", None)):
+        engine.segmenter = s
+        ood = [r["decision"] for g in greys for r in predict_arrays(engine, [g], [square(g, engine.spec)])]
+        res[f"non-chest rejected ({name})"] = f"{ood.count('rejected')}/{len(ood)}"
+        if paths:
+            rows = list(predict_paths(engine, paths))
+            rej = sum(r["decision"] == "rejected" for r in rows)
+            unc = sum(r["decision"] == "uncertain" and bool(r.get("lung_note")) for r in rows)
+            res[f"{split} rejected ({name})"] = f"{rej}/{len(rows)} ({rej / len(rows):.2%})"
+            if s is not None:
+                res[f"{split} made uncertain by the lung gate"] = unc
+                res[f"{split} lung notes"] = sorted({r["lung_note"] for r in rows if r.get("lung_note")})[:5]
+    engine.segmenter = seg
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--manifest", type=Path)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--files", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    engine = Engine(args.bundle)
+    if engine.segmenter is None:
+        sys.exit(f"{args.bundle} carries no lung segmenter (export with --segmenter)")
+    res: dict[str, object] = {"cpu": cpu_model(), "bundle": str(args.bundle)}
+    res["batch-1 latency"] = latency(engine, args.runs)
+    if args.manifest:
+        from cxr_triage.data.manifest import load_manifest
+
+        df = load_manifest(args.manifest)
+        files = list(df.loc[df["split"] == args.split, "abspath"].iloc[: args.files])
+        res["predict from files (img/s)"] = throughput(engine, files)
+        res["cold start s (median of 7)"] = cold_start(args.bundle, files[0])
+    res["bundle MB"] = round(sum(f.stat().st_size for f in args.bundle.rglob("*") if f.is_file()) / 1e6, 2)
+    res["segmenter MB"] = round(sum(f.stat().st_size for f in (args.bundle / "lungs").rglob("*")) / 1e6, 2)
+    print(json.dumps(res, indent=2), flush=True)
+    res["gates"] = gates(engine, args.manifest, args.split)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
