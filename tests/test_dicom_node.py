@@ -212,3 +212,25 @@ def test_cli_refuses_a_bad_peer_and_a_busy_port(pacs, monkeypatch):
         port = busy.getsockname()[1]
         out = runner.invoke(app, ["dicom-node", "--port", str(port), "--send-to", f"PACS@127.0.0.1:{pacs.port}"])
     assert out.exit_code == 2 and "cannot listen" in out.output
+
+
+def test_a_failing_decoder_still_ends_in_an_error_sr(monkeypatch):
+    from cxr_triage.runtime import dicom_triage
+
+    class Collect:
+        sent: list[Dataset] = []
+
+        def send(self, datasets: list[Dataset]) -> bool:
+            self.sent += datasets
+            return True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder crashed")
+
+    sender = Collect()
+    triage = dicom_triage.Triage(Engine(), sender)
+    monkeypatch.setattr(dicom_triage, "predict_bytes", broken)
+    outcome = triage.handle(chest_dicom())
+    assert outcome.status == SUCCESS and outcome.decision == "error"
+    (sr,) = sender.sent
+    assert sr_summary(sr)["error"] == "the image could not be processed (RuntimeError)"

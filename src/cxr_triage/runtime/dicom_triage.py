@@ -162,7 +162,7 @@ class Triage:
         except ImageReadError as exc:
             return error_row("instance.dcm", str(exc))
         except Exception as exc:  # a decoder bug must still end in an error SR, not a dead node
-            log.exception("prediction failed")
+            log.warning("prediction failed (%s)", type(exc).__name__)  # no traceback: it may quote header values
             return error_row("instance.dcm", f"the image could not be processed ({type(exc).__name__})")
 
     def results(self, header: Dataset, row: dict[str, Any]) -> list[Dataset]:
