@@ -350,11 +350,39 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="The DICOM node's --store: shows its worklist.")] = None,
 ) -> None:
     """Web page and JSON API (FastAPI + uvicorn)."""
     from cxr_triage.service import run
 
-    run(host=host, port=port, bundle_dir=model)
+    run(host=host, port=port, bundle_dir=model, store=store)
+
+
+@app.command("dicom-node")
+def dicom_node(
+    send_to: Annotated[str, typer.Option("--send-to", help="Where results go (the PACS): AET@HOST:PORT.")],
+    aet: Annotated[str, typer.Option("--aet", help="This node's AE title.")] = "CXR_TRIAGE",
+    port: Annotated[int, typer.Option(help="DICOM port to listen on.")] = 11112,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
+    store: Annotated[Path | None, typer.Option("--store", help="Folder for the worklist (SQLite).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
+) -> None:
+    """DICOM node: takes CR/DX/Secondary Capture chest X-rays (C-STORE, C-ECHO) and sends back a Structured
+    Report and a heatmap picture into the same study. Research use only; not for diagnosis."""
+    try:
+        from cxr_triage.dicom_node import run
+    except ImportError as exc:
+        _fail(f"the DICOM node needs the [dicom] extra ({exc.name} is missing): pip install 'cxr-triage[dicom]'")
+    from cxr_triage.runtime.dicom_triage import parse_peer
+    from cxr_triage.runtime.engine import BundleError
+
+    try:
+        parse_peer(send_to)
+        run(aet, port, send_to, store, model, host)
+    except (ValueError, BundleError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port")
 
 
 if __name__ == "__main__":

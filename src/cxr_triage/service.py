@@ -3,6 +3,7 @@
 Routes: ``GET /`` (the page), ``POST /api/v1/predict``, ``GET /api/v1/health``, ``GET /api/v1/model``,
 ``/docs`` (OpenAPI). The model is loaded once, when the app is created; predictions run in a thread pool
 so requests never block the event loop. Every error is JSON ``{"error": "<sentence>"}``.
+``GET /api/v1/worklist`` lists the DICOM node's worklist when the app is given its ``--store`` folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cxr_triage.core.preprocess import DICOM_SUFFIXES, ImageReadError
 from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.predict import png_bytes, predict_bytes
+from cxr_triage.runtime.worklist import read_worklist
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,21 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: ModelInfo
     max_upload_mb: float
+
+
+class WorklistEntry(BaseModel):
+    """One image the DICOM node triaged (no patient name): find the study by accession number or study UID."""
+
+    accession_number: str
+    study_instance_uid: str
+    received_at: float = Field(description="seconds since the epoch")
+    label: str
+    confidence: float | None
+    decision: Literal["accept", "uncertain", "rejected", "error"]
+    error: str = ""
+    urgency: int = Field(description="4 urgent (COVID-19), 3 high (Lung Opacity, Viral Pneumonia), 2 review, 1 routine")
+    urgency_name: Literal["urgent", "high", "review", "routine"]
+    results_sent: bool = Field(description="the SR and picture reached the PACS")
 
 
 class ErrorBody(BaseModel):
@@ -274,8 +291,18 @@ def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
         return row
 
 
-def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20) -> FastAPI:
-    """The FastAPI app over the bundle in ``bundle_dir`` (None: the shipped default), loaded once, now."""
+def add_worklist_route(app: FastAPI, store: Path | None) -> None:
+    """``GET /api/v1/worklist``: the DICOM node's worklist under ``store``, most urgent first (empty without one)."""
+
+    @app.get("/api/v1/worklist", response_model=list[WorklistEntry], tags=["dicom"])
+    async def worklist(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
+        """Images the DICOM node triaged, most urgent first, then oldest first. No patient names."""
+        return [] if store is None else await run_in_threadpool(read_worklist, store, limit)
+
+
+def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20, store: Path | None = None) -> FastAPI:
+    """The FastAPI app over the bundle in ``bundle_dir`` (None: the shipped default), loaded once, now;
+    ``store`` is the DICOM node's ``--store`` folder, whose worklist the page shows."""
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
     engine = Engine(bundle_dir)
@@ -286,6 +313,7 @@ def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20) -> Fas
     app.add_middleware(UploadLimit, max_upload=max_bytes)
     install_error_handlers(app)
     add_routes(app, engine, max_bytes)
+    add_worklist_route(app, store)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     log.info("serving %s %s from %s", engine.info["name"], engine.info["version"], engine.dir)
     return app
@@ -301,10 +329,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run(host: str = "127.0.0.1", port: int = 8000, bundle_dir: Path | None = None, max_upload_mb: float = 20) -> None:
+def run(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    bundle_dir: Path | None = None,
+    max_upload_mb: float = 20,
+    store: Path | None = None,
+) -> None:
     """Serve the app with uvicorn (blocks until stopped)."""
     import uvicorn
 
     if not is_loopback(host):
         log.warning("binding to %s exposes the service to the network; use 127.0.0.1 to keep it local", host)
-    uvicorn.run(create_app(bundle_dir, max_upload_mb), host=host, port=port)
+    uvicorn.run(create_app(bundle_dir, max_upload_mb, store), host=host, port=port)
