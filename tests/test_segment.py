@@ -276,3 +276,14 @@ def test_lung_view_classifier_with_extra_set(smoke_manifest, seg_bundle, tmp_pat
     shutil.rmtree(out / "lungs")
     with pytest.raises(BundleError):
         Engine(out)
+
+
+def test_fill_holes_matches_scipy():
+    from scipy import ndimage
+
+    from cxr_triage.core.lungs import fill_holes
+
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        m = ndimage.binary_opening(rng.random((64, 80)) > 0.5)
+        assert (fill_holes(m) == ndimage.binary_fill_holes(m)).all()

@@ -45,8 +45,22 @@ def clean_mask(mask: np.ndarray, keep: int = 2) -> np.ndarray:
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(sizes)[::-1][:keep]
     order = [i for i in order if sizes[i] >= MIN_LUNG_FRACTION / 4 * mask.size]
-    out = np.isin(labels, np.asarray(order) + 1)
-    return ndimage.binary_fill_holes(out)
+    keep_label = np.zeros(n + 1, bool)
+    keep_label[np.asarray(order, int) + 1] = True
+    return fill_holes(keep_label[labels])
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background components that do not touch the border become foreground (one labelling pass; scipy's
+    ``binary_fill_holes`` dilates iteratively and is ~10x slower at these sizes)."""
+    bg, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    edge = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
+    hole = np.ones(n + 1, bool)
+    hole[edge] = False
+    hole[0] = False
+    return mask | hole[bg]
 
 
 def lung_stats(mask: np.ndarray) -> LungStats:

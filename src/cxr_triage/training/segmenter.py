@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.nets import UNet
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.training.model import CheckpointError
@@ -162,10 +162,14 @@ def train_segmenter(cfg: dict[str, Any], resume: bool = False) -> Path:
     tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
     nw, bs = int(d["num_workers"]), int(d["batch_size"])
     augment = build_pair_augment(cfg["augment"], spec.size)
+    weights = df["origin"].map(lambda o: float((d.get("oversample") or {}).get(o, 1.0))).to_numpy()[tr]
+    sampler = WeightedRandomSampler(
+        weights.tolist(), len(tr), generator=torch.Generator().manual_seed(int(cfg["seed"]))
+    )
     train_dl = DataLoader(
         MaskPairs(images[tr], masks[tr], spec, augment),
         batch_size=bs,
-        shuffle=True,
+        sampler=sampler,
         drop_last=len(tr) > bs,
         num_workers=nw,
         persistent_workers=nw > 0,
