@@ -77,6 +77,7 @@ def seg_bundle(tmp_path_factory):
             f"data.pairs={pairs}",
             "data.num_workers=0",
             "data.batch_size=8",
+            "data.oversample={covid-multi: 3}",
             "preprocess.size=64",
             "model.channels=[8,16,32]",
             "trainer.max_epochs=30",

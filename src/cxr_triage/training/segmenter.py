@@ -162,14 +162,15 @@ def train_segmenter(cfg: dict[str, Any], resume: bool = False) -> Path:
     tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
     nw, bs = int(d["num_workers"]), int(d["batch_size"])
     augment = build_pair_augment(cfg["augment"], spec.size)
-    weights = df["origin"].map(lambda o: float((d.get("oversample") or {}).get(o, 1.0))).to_numpy()[tr]
-    sampler = WeightedRandomSampler(
-        weights.tolist(), len(tr), generator=torch.Generator().manual_seed(int(cfg["seed"]))
-    )
+    over = d.get("oversample") or {}
+    weights = df["origin"].map(lambda o: float(over.get(o, 1.0))).to_numpy()[tr]
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
+    sampler = WeightedRandomSampler(weights.tolist(), len(tr), generator=gen) if over else None
     train_dl = DataLoader(
         MaskPairs(images[tr], masks[tr], spec, augment),
         batch_size=bs,
         sampler=sampler,
+        shuffle=sampler is None,
         drop_last=len(tr) > bs,
         num_workers=nw,
         persistent_workers=nw > 0,
