@@ -82,18 +82,19 @@ def _scan(folder: Path, out: Inputs, seen: set[tuple[int, int]]) -> int:
     seen.add((st.st_dev, st.st_ino))
     added = 0
     for entry in entries:
+        path = str(folder / entry.name)  # as pathlib spells it: "x.png" in ".", not "./x.png"
         if entry.name.startswith("."):
             out.skipped["hidden"] += 1
             continue
         mode = _target_mode(entry)
         if mode is not None and stat.S_ISDIR(mode):
-            found = _scan(Path(entry.path), out, seen)
+            found = _scan(folder / entry.name, out, seen)
             if found == 0 and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                out.paths.append(entry.path)  # a folder named like an image, nothing inside: tell the user
+                out.paths.append(path)  # a folder named like an image, nothing inside: tell the user
                 found = 1
             added += found
         elif _wanted(entry, mode):
-            out.paths.append(entry.path)
+            out.paths.append(path)
             added += 1
         else:
             out.skipped[Path(entry.name).suffix.lower() or "no suffix"] += 1
@@ -122,5 +123,8 @@ def scan_inputs(items: Iterable[str]) -> Inputs:
     out, seen = Inputs(), set()
     for item in items:
         _named(item, out, seen)
-    out.paths = list(dict.fromkeys(out.paths))
+    unique: dict[str, str] = {}
+    for p in out.paths:  # "a.png" and "./a.png" are one entry; the first spelling is kept
+        unique.setdefault(os.path.normpath(p), p)
+    out.paths = list(unique.values())
     return out

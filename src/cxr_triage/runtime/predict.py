@@ -193,9 +193,12 @@ def predict_paths(
 def write_rows(rows: list[dict[str, Any]], fmt: str, out: io.TextIOBase) -> None:
     """CSV (the DESIGN.md columns; cells that start like a formula get a leading ') or JSON of rows to a stream."""
     if fmt == "csv":
-        w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        cells = [{k: csv_cell(v) for k, v in r.items()} for r in rows]
+        # csv quotes a field holding a character of the line terminator; a bare CR elsewhere would split the row
+        cr = any(isinstance(v, str) and "\r" in v for r in cells for v in r.values())
+        w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\r\n" if cr else "\n")
         w.writeheader()
-        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+        w.writerows(cells)
     elif fmt == "json":
         json.dump(rows, out, ensure_ascii=False, indent=2)
         out.write("\n")
