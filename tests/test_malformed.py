@@ -30,6 +30,8 @@ from cxr_triage.service import create_app
 
 BOMB_SIDE = 30_000
 
+LOCAL = "http://127.0.0.1"  # the service answers loopback host names only (TrustedHostMiddleware)
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -187,7 +189,7 @@ def test_predict_cli_exit_codes(smoke_bundle: Path, corpus: Corpus):
 def test_api_gives_4xx_for_malformed_uploads(smoke_bundle: Path, corpus: Corpus):
     expected = {**corpus.valid, **{n: s for n, s in corpus.bad.items() if s is not None}}
     got: dict[str, int] = {}
-    with TestClient(create_app(smoke_bundle), raise_server_exceptions=False) as client:
+    with TestClient(create_app(smoke_bundle), base_url=LOCAL, raise_server_exceptions=False) as client:
         for name in expected:
             files = {"file": (name, corpus.path(name).read_bytes(), "application/octet-stream")}
             resp = client.post("/api/v1/predict", files=files)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_triage.core import preprocess as pp
+from cxr_triage.core import limits
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, prepare, preprocess
 
 
@@ -328,7 +328,7 @@ def test_too_small():
 
 
 def test_too_many_pixels(monkeypatch, grey):
-    monkeypatch.setattr(pp, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(limits, "MAX_PIXELS", 1000)
     with pytest.raises(ImageReadError, match="over the 1,000-pixel limit; downscale"):
         load_grey(encode(Image.fromarray(grey)))
     with pytest.raises(ImageReadError, match="pixel limit"):
@@ -347,7 +347,10 @@ def test_too_many_pixels_is_refused_before_decoding():
         assert im.size == (9000, 8000)  # a valid header...
         with pytest.raises(OSError):
             im.load()  # ...with no pixels behind it: decoding first would say "truncated"
-    with pytest.raises(ImageReadError, match="9000x8000 pixels, over the 64,000,000-pixel limit"):
+    with pytest.raises(ImageReadError, match="9000x8000 pixels, over the 36,000,000-pixel limit") as info:
+        load_grey(data)
+    assert info.value.kind == "too_large"
+    with pytest.raises(ImageReadError, match="9000x8000 pixels, over the 36,000,000-pixel limit"):
         load_grey(data)
 
 

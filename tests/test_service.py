@@ -26,10 +26,12 @@ from cxr_triage.service import create_app, is_loopback, safe_name, sniff
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 PHI_STRINGS = ["Doe^Jane", "PID-8675309"]
 
+LOCAL = "http://127.0.0.1"  # the service answers loopback host names only (TrustedHostMiddleware)
+
 
 @pytest.fixture(scope="module")
 def client(smoke_bundle: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(smoke_bundle)) as c:
+    with TestClient(create_app(smoke_bundle), base_url=LOCAL) as c:
         yield c
 
 
@@ -173,7 +175,7 @@ def test_upload_name_is_sanitised(client: TestClient, grey: np.ndarray) -> None:
 @pytest.mark.parametrize("side", [400, 250])  # 160 kB: refused by Content-Length; 63 kB: by the read size
 def test_too_large_is_413(smoke_bundle: Path, grey: np.ndarray, side: int) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
-    with TestClient(create_app(smoke_bundle, max_upload_mb=0.05)) as small:
+    with TestClient(create_app(smoke_bundle, max_upload_mb=0.05), base_url=LOCAL) as small:
         status, body = post(small, encode(noise, "PNG"), "big.png")
         assert status == 413 and body == {"error": "The upload is too large; the limit is 0.05 MB."}
         assert post(small, encode(grey, "PNG"), "ok.png")[0] == 200  # small files still pass
@@ -187,7 +189,7 @@ def test_too_large_without_content_length_is_413(smoke_bundle: Path) -> None:
         "Content-Type: image/png\r\n\r\n"
     ).encode()
     chunks = [head, b"\x89PNG\r\n\x1a\n", *[b"\0" * 65536] * 4, f"\r\n--{boundary}--\r\n".encode()]
-    with TestClient(create_app(smoke_bundle, max_upload_mb=0.05)) as small:
+    with TestClient(create_app(smoke_bundle, max_upload_mb=0.05), base_url=LOCAL) as small:
         r = small.post(
             "/api/v1/predict",
             content=iter(chunks),
@@ -242,10 +244,12 @@ def test_unexpected_error_is_500_without_details(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(service, "predict_bytes", boom)
-    with TestClient(create_app(smoke_bundle), raise_server_exceptions=False) as c:
+    with TestClient(create_app(smoke_bundle), base_url=LOCAL, raise_server_exceptions=False) as c:
         r = c.post("/api/v1/predict", files={"file": ("a.png", encode(grey, "PNG"), "image/png")})
-    assert r.status_code == 500 and r.json() == {"error": "internal error"}
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 500 and r.json() == {"error": f"internal error (request {rid})"}
     assert "secret internals" in caplog.text  # logged server-side, not sent
+    assert sum(rid in rec.getMessage() for rec in caplog.records) == 1  # one log line, with the request id
 
 
 def test_parallel_requests_all_succeed(client: TestClient, class_image: Callable[..., np.ndarray]) -> None:
@@ -278,7 +282,8 @@ def test_run_warns_when_not_loopback(
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
     service.run(host="0.0.0.0", port=8123, bundle_dir=smoke_bundle)
     assert "binding to 0.0.0.0 exposes the service to the network" in caplog.text
-    assert calls == [{"host": "0.0.0.0", "port": 8123}]
+    assert [(c["host"], c["port"]) for c in calls] == [("0.0.0.0", 8123)]
+    assert calls[0]["timeout_keep_alive"] == 5 and calls[0]["http"].header_timeout == 10.0
     caplog.clear()
     service.run(bundle_dir=smoke_bundle)
-    assert "exposes" not in caplog.text and calls[-1] == {"host": "127.0.0.1", "port": 8000}
+    assert "exposes" not in caplog.text and (calls[-1]["host"], calls[-1]["port"]) == ("127.0.0.1", 8000)

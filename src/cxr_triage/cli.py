@@ -5,6 +5,7 @@ Exit codes: 0 success; 2 usage error or unusable input folder/model; 3 some inpu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     add_completion=False,
@@ -45,7 +48,7 @@ def _progress(description: str):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -243,13 +246,17 @@ def predict(
 ) -> None:
     """Classify chest X-rays with triage advice; exit 3 if any input could not be read."""
     from cxr_triage.runtime.engine import BundleError, Engine
-    from cxr_triage.runtime.predict import collect_inputs, predict_paths, write_rows
+    from cxr_triage.runtime.inputs import scan_inputs
+    from cxr_triage.runtime.predict import predict_paths, write_rows
 
     if fmt not in ("table", "csv", "json"):
         _fail(f"unknown --format {fmt!r}; use table, csv or json")
     if lang not in ("en", "ko"):
         _fail(f"unknown --lang {lang!r}; use en or ko")
-    files = collect_inputs(paths)
+    found = scan_inputs(paths)
+    files = found.paths
+    if found.summary():
+        console.print(escape(found.summary()))
     if not files:
         _fail("no image files found in the given paths")
     try:
@@ -262,11 +269,11 @@ def predict(
     elif out is not None:
         with open(out, "w", encoding="utf-8", newline="") as f:
             write_rows(rows, fmt, f)
-        console.print(f"wrote {len(rows)} rows to {out}")
+        console.print(escape(f"wrote {len(rows)} rows to {out}"))
     else:
         write_rows(rows, fmt, sys.stdout)
     if heatmaps is not None:
-        console.print(f"heatmaps: {heatmaps}")
+        console.print(escape(f"heatmaps: {heatmaps}"))
     if any(r["decision"] == "error" for r in rows):
         raise typer.Exit(3)
 
@@ -340,9 +347,26 @@ def _print_table(rows: list[dict], lang: str) -> None:
         label = DISPLAY_NAMES.get(r["label"], "") if r["decision"] not in ("error", "rejected") else ""
         conf = f"{r['confidence']:.1%}" if label else ""
         step = (r.get("advice") or "").removesuffix(NOTICE[lang]).strip() or r["error"]
-        table.add_row(Path(r["path"]).name, label, conf, r["decision"], step)
+        table.add_row(*(Text(str(v)) for v in (Path(r["path"]).name, label, conf, r["decision"], step)))
     out.print(table)
     out.print(NOTICE[lang])
+
+
+@app.command()
+def seal(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (model.json, model.onnx, extras.npz).")],
+) -> None:
+    """Check a bundle's model.json and write SHA256SUMS, its seal (for bundles exported before the seal existed)."""
+    from cxr_triage.runtime.bundle import BundleError
+    from cxr_triage.runtime.bundle import seal as seal_bundle
+    from cxr_triage.runtime.engine import Engine
+
+    try:
+        seal_bundle(bundle)
+        Engine(bundle)  # the sealed bundle must load: arrays and graph included
+    except BundleError as exc:
+        _fail(str(exc))
+    console.print(escape(f"sealed: {bundle / 'SHA256SUMS'}"))
 
 
 @app.command()
@@ -351,11 +375,25 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
     store: Annotated[Path | None, typer.Option("--store", help="The DICOM node's --store: shows its worklist.")] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-host", help="Host name clients use to reach the service (repeat; default: loopback)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Uploads decoded and scored at once; more wait, then get 503.")] = 2,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 20.0,
 ) -> None:
-    """Web page and JSON API (FastAPI + uvicorn)."""
+    """Web page and JSON API (FastAPI + uvicorn); limits and timeouts as in README "Reliability"."""
+    from cxr_triage.runtime.engine import BundleError
     from cxr_triage.service import run
+    from cxr_triage.service_guard import ServiceLimits
 
-    run(host=host, port=port, bundle_dir=model, store=store)
+    try:
+        limits = ServiceLimits(max_upload_mb=max_upload_mb, workers=workers)
+        if allowed_host:
+            limits = dataclasses.replace(limits, allowed_hosts=tuple(allowed_host))
+        run(host=host, port=port, bundle_dir=model, limits=limits, store=store)
+    except (BundleError, ValueError) as exc:
+        _fail(str(exc))
 
 
 @app.command("dicom-node")

@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the page), ``POST /api/v1/predict``, ``GET /api/v1/health``, ``GET /api/v1/model``,
 ``/docs`` (OpenAPI). The model is loaded once, when the app is created; predictions run in a thread pool
-so requests never block the event loop. Every error is JSON ``{"error": "<sentence>"}``.
+so requests never block the event loop. Every error is JSON ``{"error": "<sentence>"}``. The limits (workers,
+queue, timeouts, trusted hosts, security headers) are applied by ``service_guard``.
 ``GET /api/v1/worklist`` lists the DICOM node's worklist when the app is given its ``--store`` folder.
 """
 
@@ -26,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cxr_triage import __version__
 from cxr_triage.core.preprocess import DICOM_SUFFIXES, ImageReadError
@@ -34,13 +35,23 @@ from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.predict import png_bytes, predict_bytes
 from cxr_triage.runtime.worklist import read_worklist
+from cxr_triage.service_guard import (
+    LOOPBACK_HOSTS,
+    Guard,
+    ServiceLimits,
+    UploadLimit,
+    WorkGate,
+    too_large,
+    uvicorn_options,
+)
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(resources.files("cxr_triage") / "static"))
-MULTIPART_SLACK = 64 * 1024  # form headers and boundaries around the file
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
@@ -114,43 +125,14 @@ class ErrorBody(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
+        (408, "the upload arrived too slowly"),
         (413, "upload too large"),
         (415, "not an image or DICOM file"),
         (422, "corrupt image or invalid request"),
         (500, "internal error"),
+        (503, "busy: retry after the seconds in the Retry-After header"),
     )
 }
-
-
-class UploadLimit:
-    """ASGI middleware: 413 for bodies over the limit, by Content-Length first, then by counting bytes."""
-
-    def __init__(self, app: ASGIApp, max_upload: int, slack: int = MULTIPART_SLACK) -> None:
-        self.app, self.max_bytes, self.message = app, max_upload + slack, too_large(max_upload)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"error": self.message}, status_code=413)(scope, receive, send)
-            return
-        total = 0
-
-        async def counted() -> Any:
-            nonlocal total
-            message = await receive()
-            total += len(message.get("body", b""))
-            if total > self.max_bytes:  # FastAPI re-raises HTTPExceptions met while reading the body
-                raise HTTPException(413, self.message)
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def too_large(max_bytes: int) -> str:
-    return f"The upload is too large; the limit is {round(max_bytes / 2**20, 2):g} MB."
 
 
 def sniff(head: bytes, name: str = "") -> str | None:
@@ -221,10 +203,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": validation_sentence(exc)}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": "internal error"}, status_code=500)
+    # anything unexpected is logged once and answered with a JSON 500 by service_guard.Guard
 
 
 def page_html() -> str:
@@ -235,7 +214,7 @@ def page_html() -> str:
     return text
 
 
-def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
+def add_routes(app: FastAPI, engine: Engine, max_bytes: int, gate: WorkGate) -> None:
     """The page and the /api/v1 routes."""
     page = page_html()
 
@@ -261,27 +240,34 @@ def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
         tags=["predict"],
     )
     async def predict(
+        request: Request,
         file: Annotated[UploadFile, File(description="a chest X-ray: PNG, JPEG or DICOM (BMP, TIFF, WebP)")],
         lang: Annotated[Literal["en", "ko"], Query(description="language of the advice")] = "en",
         heatmap: Annotated[bool, Query(description="add `heatmap`, a base64 PNG overlay")] = False,
         image: Annotated[bool, Query(description="add `image`, a base64 PNG of the grey input")] = False,
     ) -> dict[str, Any]:
         """Classify one uploaded chest X-ray and say what to do next. Decision support, not a diagnosis."""
-        data = await file.read(max_bytes + 1)
-        await file.close()
-        if len(data) > max_bytes:
-            raise HTTPException(413, too_large(max_bytes))
         name = safe_name(file.filename)
-        kind = sniff(data[:132], name)
+        kind = sniff(await file.read(132), name)
         if kind is None:
+            await file.close()
             raise HTTPException(415, f"{name} is not an image: upload a PNG, JPEG or DICOM chest X-ray.")
-        start = time.perf_counter()
-        try:
-            row = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
-        except ImageReadError as exc:
-            raise HTTPException(422, f"The image could not be read: {exc}") from None
+        async with gate.slot():  # at most `workers` uploads held in memory, decoded and scored at once
+            await file.seek(0)
+            data = await file.read(max_bytes + 1)
+            await file.close()
+            if len(data) > max_bytes:
+                raise HTTPException(413, too_large(max_bytes))
+            start = time.perf_counter()
+            try:
+                row = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
+            except ImageReadError as exc:
+                raise HTTPException(422, f"The image could not be read: {exc}") from None
+        if row["decision"] == "error":  # e.g. non-finite probabilities: no label, no advice
+            raise HTTPException(422, f"The image could not be scored: {row['error']}")
         log.info(
-            "predicted %s (%d bytes): %s, %s in %.0f ms",
+            "%s predicted %s (%d bytes): %s, %s in %.0f ms",
+            request.state.request_id,
             kind,
             len(data),
             row["label"],
@@ -300,19 +286,26 @@ def add_worklist_route(app: FastAPI, store: Path | None) -> None:
         return [] if store is None else await run_in_threadpool(read_worklist, store, limit)
 
 
-def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20, store: Path | None = None) -> FastAPI:
-    """The FastAPI app over the bundle in ``bundle_dir`` (None: the shipped default), loaded once, now;
+def create_app(
+    bundle_dir: Path | None = None,
+    max_upload_mb: float = 20,
+    limits: ServiceLimits | None = None,
+    store: Path | None = None,
+) -> FastAPI:
+    """The FastAPI app over the bundle in ``bundle_dir`` (None: the shipped default), loaded once, now.
+    ``limits`` (default: ``ServiceLimits(max_upload_mb=...)``) bounds workers, queue, timeouts and hosts;
     ``store`` is the DICOM node's ``--store`` folder, whose worklist the page shows."""
-    if max_upload_mb <= 0:
-        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    limits = limits or ServiceLimits(max_upload_mb=max_upload_mb)
     engine = Engine(bundle_dir)
-    max_bytes = int(max_upload_mb * 2**20)
+    max_bytes = int(limits.max_upload_mb * 2**20)
     about = "Chest X-ray triage (COVID-19, Lung Opacity, Normal, Viral Pneumonia) with heatmaps and advice. "
     app = FastAPI(title="cxr-triage", version=__version__, description=about + NOTICE["en"])
-    app.state.engine = engine
+    app.state.engine, app.state.limits = engine, limits
     app.add_middleware(UploadLimit, max_upload=max_bytes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(limits.allowed_hosts))  # DNS rebinding
+    app.add_middleware(Guard, limits=limits)  # outermost: request id, headers, deadlines, error log
     install_error_handlers(app)
-    add_routes(app, engine, max_bytes)
+    add_routes(app, engine, max_bytes, WorkGate(limits))
     add_worklist_route(app, store)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     log.info("serving %s %s from %s", engine.info["name"], engine.info["version"], engine.dir)
@@ -334,11 +327,15 @@ def run(
     port: int = 8000,
     bundle_dir: Path | None = None,
     max_upload_mb: float = 20,
+    limits: ServiceLimits | None = None,
     store: Path | None = None,
 ) -> None:
     """Serve the app with uvicorn (blocks until stopped)."""
     import uvicorn
 
+    limits = limits or ServiceLimits(max_upload_mb=max_upload_mb)
     if not is_loopback(host):
         log.warning("binding to %s exposes the service to the network; use 127.0.0.1 to keep it local", host)
-    uvicorn.run(create_app(bundle_dir, max_upload_mb, store), host=host, port=port)
+        if set(limits.allowed_hosts) <= set(LOOPBACK_HOSTS):
+            log.warning("only requests addressed to localhost are answered; name this host with --allowed-host")
+    uvicorn.run(create_app(bundle_dir, limits=limits, store=store), host=host, port=port, **uvicorn_options(limits))

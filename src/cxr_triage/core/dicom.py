@@ -1,53 +1,201 @@
 """DICOM pixel reading with pydicom: modality LUT, VOI LUT / window, MONOCHROME1 inversion.
 
-Only pixel data leaves this module: no patient identifier is ever returned, logged or written.
+Only pixel data leaves this module: no patient identifier is ever returned, logged or written. The pixel budget is
+checked from the header (Rows x Columns x frames x samples x bits) before any pixel is decoded, and a deflated data
+set is inflated only up to ``limits.MAX_INFLATED_BYTES``. Frames over ``limits.DICOM_LUT_PIXELS`` are subsampled
+before the LUTs (reduced resolution: the model sees a few hundred pixels). Invalid VOI or rescale values are ignored
+(the image is then min-max scaled), since the pixels themselves are fine.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import math
+import struct
+import zlib
 
 import numpy as np
 
-from cxr_triage.core.preprocess import ImageReadError
+from cxr_triage.core import limits
+from cxr_triage.core.errors import ImageReadError
+
+log = logging.getLogger(__name__)
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
-def read_dicom(data: bytes) -> np.ndarray:
-    """Return the display-ready grey pixels of a single-frame DICOM image as float32 (HxW).
-
-    Raises ImageReadError for non-image objects, multi-frame images, colour images and
-    compressed transfer syntaxes whose decoder is not installed (naming what to install).
-    """
+def _quiet_pydicom() -> None:
+    """pydicom warns with the offending value (which may be a patient's name) and logs decoder failures with a
+    traceback; this reader reports both itself, as one sentence without patient data."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def meta_end(data: bytes) -> tuple[int, str]:
+    """(offset of the data set after the File Meta group, TransferSyntaxUID) of a file with the DICM preamble."""
+    pos, syntax = 132, ""
+    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
+        element, vr = struct.unpack_from("<H", data, pos + 2)[0], data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        if element == 0x0010:
+            syntax = data[start : start + length].decode("ascii", "replace").strip("\0 ")
+        pos = start + length
+    return pos, syntax
+
+
+def _header_of_deflated(stream: zlib._Decompress, chunk: bytes):
+    """The data set's elements before the pixel data, read from its first inflated MB (None if they run longer)."""
+    from pydicom.filereader import read_dataset
+
+    head = stream.decompress(chunk, 1 << 20)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise ImageReadError(f"unreadable DICOM file ({type(exc).__name__})") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise ImageReadError("DICOM object holds no image (no PixelData); export the X-ray image itself")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag >= 0x7FE00000)
+    except Exception:  # the header runs past the first MB or is damaged: the full read below will tell
+        return None
+
+
+def check_deflated(data: bytes, label: str) -> None:
+    """A deflated data set: its header's pixel budget from the first inflated MB, then its inflated size (counted,
+    never held) against ``limits.MAX_INFLATED_BYTES``, before pydicom inflates it whole."""
+    if data[128:132] != b"DICM":
+        return
+    start, syntax = meta_end(data)
+    if syntax != DEFLATED:
+        return
+    cap = limits.MAX_INFLATED_BYTES
+    try:
+        header = _header_of_deflated(zlib.decompressobj(-zlib.MAX_WBITS), data[start:])
+        if header is not None and "Rows" in header:
+            check_budget(header, label)
+        stream, total, chunk = zlib.decompressobj(-zlib.MAX_WBITS), 0, data[start:]
+        while chunk and total <= cap:
+            total += len(stream.decompress(chunk, 1 << 20))
+            chunk = stream.unconsumed_tail
+    except zlib.error:
+        raise ImageReadError(f"{label}: deflated DICOM data is corrupt; export the image again", "corrupt") from None
+    if total > cap:
+        raise ImageReadError(
+            f"{label}: deflated DICOM inflates to over {cap // 2**20} MB; export the image uncompressed or smaller",
+            "too_large",
+        )
+
+
+def _count(ds, keyword: str, default: int) -> int:
+    """A whole-number header value (Rows, NumberOfFrames...), or a sentence naming the bad tag."""
+    value = getattr(ds, keyword, None)
+    if value in (None, ""):
+        return default
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise ImageReadError(f"DICOM {keyword} is not a whole number; export the image again", "corrupt") from None
+    if number < 0:
+        raise ImageReadError(f"DICOM {keyword} is negative; export the image again", "corrupt")
+    return number
+
+
+def check_budget(ds, label: str) -> None:
+    """Rows x Columns x frames x samples x bits from the header, against the pixel and byte budgets."""
+    rows, cols = _count(ds, "Rows", 0), _count(ds, "Columns", 0)
+    frames, samples = _count(ds, "NumberOfFrames", 1) or 1, _count(ds, "SamplesPerPixel", 1) or 1
+    bits = _count(ds, "BitsAllocated", 16)
+    if rows == 0 or cols == 0:
+        raise ImageReadError("DICOM pixel data is incomplete (Rows or Columns missing or 0)", "corrupt")
+    if rows * cols * frames > limits.MAX_PIXELS:
+        from cxr_triage.core.decode import over_budget
+
+        raise over_budget(label, cols, rows, frames)
+    if rows * cols * frames * samples * max(bits, 1) // 8 > limits.MAX_DECODED_BYTES:
+        raise ImageReadError(
+            f"{label}: DICOM pixel data would decode to over {limits.MAX_DECODED_BYTES // 2**20} MB", "too_large"
+        )
     if frames > 1:
-        raise ImageReadError(f"multi-frame DICOM ({frames} frames); give a single-frame radiograph")
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+        raise ImageReadError(f"multi-frame DICOM ({frames} frames); give a single-frame radiograph", "unsupported")
+
+
+def _pixels(ds) -> np.ndarray:
+    """ds.pixel_array, with decoder failures named (transfer syntax and what to install)."""
     try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError) as exc:
+        return ds.pixel_array
+    except (AttributeError, KeyError):
+        raise ImageReadError("DICOM pixel data is incomplete (missing Rows/Columns/BitsAllocated)") from None
+    except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_transfer_syntax and not syntax.is_compressed:
+        if not getattr(syntax, "is_transfer_syntax", False):
+            raise ImageReadError(
+                f"DICOM transfer syntax is missing or invalid; export the image again ({type(exc).__name__})"
+            ) from None
+        if not syntax.is_compressed:
             raise ImageReadError(  # uncompressed: no decoder helps; the file itself is damaged
                 "DICOM pixel data is truncated or does not match Rows/Columns/BitsAllocated; "
                 f"export the image again ({type(exc).__name__})"
             ) from None
-        name = getattr(syntax, "name", str(syntax))
+        name = syntax.name
         raise ImageReadError(
             f"cannot decode DICOM pixel data in transfer syntax {name!r}; install a decoder, e.g. "
             "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` or `pip install python-gdcm`"
-            f" ({type(exc).__name__})"
+            f" ({type(exc).__name__})",
+            "unsupported",
         ) from None
-    except AttributeError:
-        raise ImageReadError("DICOM pixel data is incomplete (missing Rows/Columns/BitsAllocated)") from None
+
+
+def _lut_header(ds):
+    """The elements the LUTs read (group 0028 and the file meta), so the full data set and its pixels can go."""
+    from pydicom.dataset import Dataset
+
+    header = ds.group_dataset(0x0028)
+    header.file_meta = getattr(ds, "file_meta", Dataset())
+    return header
+
+
+def _display(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """Modality LUT, then VOI LUT / window; a step whose header values are invalid is skipped."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    arr = pixels
+    for step in (apply_modality_lut, apply_voi_lut):
+        try:
+            arr = step(arr, ds)
+        except Exception as exc:  # e.g. Window Width 0, text in RescaleSlope: keep the pixels, drop the step
+            log.debug("DICOM %s skipped (%s)", step.__name__, type(exc).__name__)
+    arr = np.asarray(arr, dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        np.subtract(arr.max() + arr.min(), arr, out=arr)
+    return arr
+
+
+def subsample(pixels: np.ndarray) -> np.ndarray:
+    """Every k-th row and column of a frame over ``limits.DICOM_LUT_PIXELS`` (pydicom's LUTs work in float64)."""
+    k = math.ceil(math.sqrt(pixels.shape[0] * pixels.shape[1] / limits.DICOM_LUT_PIXELS))
+    return np.ascontiguousarray(pixels[::k, ::k]) if k > 1 else pixels
+
+
+def read_dicom(data: bytes, label: str = "input") -> np.ndarray:
+    """Return the display-ready grey pixels of a single-frame DICOM image as float32 (HxW).
+
+    Raises ImageReadError for non-image objects, images over the pixel budget, multi-frame images and
+    compressed transfer syntaxes whose decoder is not installed (naming what to install).
+    """
+    import pydicom
+
+    _quiet_pydicom()
+    check_deflated(data, label)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        has_pixels = "PixelData" in ds or "FloatPixelData" in ds
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise ImageReadError(f"unreadable DICOM file ({type(exc).__name__})") from None
+    if not has_pixels:
+        raise ImageReadError("DICOM object holds no image (no PixelData); export the X-ray image itself", "unsupported")
+    check_budget(ds, label)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    pixels = _pixels(ds)
     if pixels.ndim != 2:
         if photometric.startswith("MONOCHROME"):
             raise ImageReadError(f"DICOM pixel array has shape {pixels.shape}; expected one 2-D frame")
@@ -55,9 +203,6 @@ def read_dicom(data: bytes) -> np.ndarray:
 
         rgb = convert_color_space(pixels, photometric, "RGB") if photometric.startswith("YBR") else pixels
         return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    arr = apply_modality_lut(pixels, ds)
-    arr = apply_voi_lut(arr, ds)
-    arr = np.asarray(arr, dtype=np.float32)
-    if photometric == "MONOCHROME1":
-        arr = arr.max() + arr.min() - arr
-    return arr
+    pixels, header = subsample(pixels), _lut_header(ds)
+    del ds  # the data set caches the full-size pixel array
+    return _display(pixels, header, photometric)

@@ -7,24 +7,37 @@ is the two together. The ``PreprocessSpec`` travels inside every checkpoint and 
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-MIN_SIDE = 32
-MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-DICOM_SUFFIXES = {".dcm", ".dicom"}
+from cxr_triage.core.decode import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    Source,
+    colourfulness,
+    load_grey,
+)
+from cxr_triage.core.errors import ImageReadError
+from cxr_triage.core.limits import MAX_PIXELS, MIN_SIDE
 
-Source = str | Path | bytes | np.ndarray | Image.Image
-
-
-class ImageReadError(ValueError):
-    """The input cannot be turned into a grey image; the message says why and what to do."""
+__all__ = [  # the decoding names are re-exported here, where every stage has always imported them from
+    "DICOM_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "ImageReadError",
+    "PreprocessSpec",
+    "Source",
+    "colourfulness",
+    "load_grey",
+    "normalise",
+    "prepare",
+    "preprocess",
+    "square",
+]
 
 
 @dataclass(frozen=True)
@@ -68,120 +81,6 @@ class PreprocessSpec:
         if unknown:
             raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
-
-
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF", b"GIF8")
-
-
-def _is_dicom(head: bytes, name: str = "") -> bool:
-    """DICOM by content (the 'DICM' marker); a .dcm name counts only when the bytes are no known image type."""
-    if head[128:132] == b"DICM":
-        return True
-    return Path(name).suffix.lower() in DICOM_SUFFIXES and not head.startswith(_IMAGE_MAGIC)
-
-
-def _array_to_grey(arr: np.ndarray) -> np.ndarray:
-    """Any numeric 2-D (or HxWxC) array -> uint8 grey. 8-bit data is kept as is; wider data is min-max scaled."""
-    arr = np.asarray(arr)
-    if arr.ndim == 3:
-        if arr.shape[2] == 1:
-            arr = arr[..., 0]
-        elif arr.shape[2] in (3, 4):
-            arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-            if np.asarray(arr).max(initial=0) <= 255 and arr.min(initial=0) >= 0:
-                return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        else:
-            raise ImageReadError(f"array has {arr.shape[2]} channels; give a grey (HxW) or RGB(A) (HxWx3/4) array")
-    if arr.ndim != 2:
-        raise ImageReadError(f"expected a 2-D image array, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == bool:
-        return arr.astype(np.uint8) * 255
-    a = arr.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ImageReadError("image contains NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-
-
-def colourfulness(rgb: Image.Image) -> float:
-    """Mean chroma (max - min channel, 0..1) of an RGB image on a small copy; ~0 for any grey X-ray."""
-    small = np.asarray(rgb.convert("RGB").resize((64, 64), Image.Resampling.BOX), dtype=np.int16)
-    return float((small.max(axis=2) - small.min(axis=2)).mean() / 255.0)
-
-
-def _pil_to_grey(im: Image.Image, info: dict | None = None) -> np.ndarray:
-    if getattr(im, "n_frames", 1) > 1:
-        raise ImageReadError(f"image has {im.n_frames} frames; give a single still image")
-    w, h = im.size
-    if w * h > MAX_PIXELS:
-        raise ImageReadError(f"image is {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel limit; downscale it first")
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _array_to_grey(np.asarray(im))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(bg, im)
-    if im.mode != "L":
-        im = im.convert("RGB")
-        if info is not None:
-            info["colourfulness"] = colourfulness(im)
-        im = im.convert("L")
-    return np.asarray(im, dtype=np.uint8)
-
-
-def load_grey(source: Source, name: str = "", info: dict | None = None) -> np.ndarray:
-    """Decode a file path, bytes, array or PIL image into a 2-D uint8 grey array.
-
-    Handles 8/16-bit, RGB/RGBA/palette/CMYK, EXIF orientation and DICOM (via ``cxr_triage.core.dicom``).
-    If ``info`` is a dict, colour inputs add ``info["colourfulness"]`` (0..1; chest X-rays are grey).
-    Raises ``ImageReadError`` with a sentence saying what is wrong.
-    """
-    if isinstance(source, Image.Image):
-        grey = _pil_to_grey(source, info)
-    elif isinstance(source, np.ndarray):
-        if info is not None and source.ndim == 3 and source.shape[2] in (3, 4) and source.dtype == np.uint8:
-            info["colourfulness"] = colourfulness(Image.fromarray(np.ascontiguousarray(source[..., :3])))
-        grey = _array_to_grey(source)
-    else:
-        if isinstance(source, str | Path):
-            path = Path(source)
-            name = name or path.name
-            if not path.exists():
-                raise ImageReadError(f"{path}: no such file")
-            if path.is_dir():
-                raise ImageReadError(f"{path}: is a directory, not an image file")
-            try:
-                data = path.read_bytes()
-            except PermissionError:
-                raise ImageReadError(f"{path}: permission denied; check the file's read permission") from None
-        else:
-            data = bytes(source)
-        if not data:
-            raise ImageReadError(f"{name or 'input'}: file is empty (0 bytes)")
-        if _is_dicom(data[:132], name):
-            from cxr_triage.core.dicom import read_dicom
-
-            grey = _array_to_grey(read_dicom(data))
-        else:
-            try:
-                with Image.open(io.BytesIO(data)) as im:  # decoded lazily, after the size check
-                    grey = _pil_to_grey(im, info)
-            except UnidentifiedImageError:
-                raise ImageReadError(
-                    f"{name or 'input'}: not a recognised image (PNG, JPEG, BMP, TIFF, WebP or DICOM expected)"
-                ) from None
-            except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-                raise ImageReadError(f"{name or 'input'}: corrupt or truncated image ({exc})") from None
-    if min(grey.shape) < MIN_SIDE:
-        raise ImageReadError(
-            f"image is {grey.shape[1]}x{grey.shape[0]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed"
-        )
-    return grey
 
 
 def square(grey: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

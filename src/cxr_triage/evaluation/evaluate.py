@@ -27,6 +27,7 @@ from cxr_triage.core.preprocess import ImageReadError, load_grey
 from cxr_triage.data.manifest import DatasetError, atomic_write_text, find_images, load_manifest, read_origins
 from cxr_triage.evaluation.metrics import LOGIT_COLS, P_COLS, summarise
 from cxr_triage.evaluation.report import attention_gallery, error_gallery, render_report
+from cxr_triage.runtime.bundle import write_meta
 from cxr_triage.runtime.engine import BundleError, Engine, Output, calibrated_probs, read_bundle_meta
 from cxr_triage.runtime.predict import predict_arrays, predict_paths
 
@@ -307,12 +308,10 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 def record_metrics(bundle_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Write ``headline(metrics)`` into the bundle's model.json as "test_metrics" (atomically); return it."""
     bundle_dir = Path(bundle_dir)
-    read_bundle_meta(bundle_dir)  # refuse an altered bundle before writing to it
-    meta_path = bundle_dir / "model.json"
-    meta = json.loads(meta_path.read_text())
+    meta = read_bundle_meta(bundle_dir)  # refuse an altered bundle before writing to it
     meta["test_metrics"] = headline(metrics)
-    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-    log.info("test metrics recorded in %s", meta_path)
+    write_meta(bundle_dir, meta)  # and seal it again
+    log.info("test metrics recorded in %s", bundle_dir / "model.json")
     return meta["test_metrics"]
 
 

@@ -2,13 +2,13 @@
 
 A bundle is a folder: ``model.onnx`` (outputs ``logits`` and ``features``, the last feature map),
 ``extras.npz`` (classifier weights for class activation maps, out-of-distribution statistics) and
-``model.json`` (classes, preprocessing spec, calibration, thresholds, metrics, sha256 of both files).
+``model.json`` (classes, preprocessing spec, calibration, thresholds, metrics, sha256 of both files) and
+``SHA256SUMS``, the seal over all three (``runtime.bundle``: schema, seal and checks).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -19,52 +19,16 @@ import numpy as np
 
 from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.core.preprocess import PreprocessSpec
+from cxr_triage.runtime.bundle import BUNDLE_FORMAT as BUNDLE_FORMAT
+from cxr_triage.runtime.bundle import BundleError, check_extras, read_bundle_meta
+from cxr_triage.runtime.bundle import sha256_file as sha256_file
 
-BUNDLE_FORMAT = "cxr-triage-bundle/1"
 DECISIONS = ("accept", "uncertain", "rejected", "error")
-
-
-class BundleError(ValueError):
-    """A model bundle is missing, altered or inconsistent; the message says what to do."""
 
 
 def default_bundle_dir() -> Path:
     """The bundle shipped inside the package (``cxr_triage/assets/model``)."""
     return Path(str(resources.files("cxr_triage") / "assets" / "model"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_bundle_meta(bundle_dir: Path) -> dict[str, Any]:
-    """model.json, checked: format, class list, preprocessing spec and file hashes."""
-    bundle_dir = Path(bundle_dir)
-    meta_path = bundle_dir / "model.json"
-    if not meta_path.exists():
-        raise BundleError(f"{bundle_dir} is not a model bundle (no model.json); export one with `cxr-triage export`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{meta_path} is not valid JSON ({exc})") from None
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: format {meta.get('format')!r} is not {BUNDLE_FORMAT!r}")
-    if list(meta.get("classes", [])) != list(CLASS_IDS):
-        raise BundleError(f"{meta_path}: classes {meta.get('classes')} differ from {list(CLASS_IDS)}")
-    if "preprocess" not in meta:
-        raise BundleError(f"{meta_path} has no preprocessing spec; re-export the bundle")
-    PreprocessSpec.from_dict(meta["preprocess"])
-    for name, key in (("model.onnx", "onnx_sha256"), ("extras.npz", "extras_sha256")):
-        f = bundle_dir / name
-        if not f.exists():
-            raise BundleError(f"{bundle_dir} lacks {name}")
-        if sha256_file(f) != meta.get(key):
-            raise BundleError(f"{f} does not match the sha256 in model.json: the bundle was altered or is incomplete")
-    return meta
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -107,11 +71,14 @@ def pixel_residual(thumbs: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndar
 
 
 def decide(confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0.0, colour: float = 0.0) -> str:
-    """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold.
+    """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold, 'error' when
+    a score is not finite.
 
     Three gates, each fitted or fixed at export: unfamiliar network features (Mahalanobis), an unfamiliar
     image layout (pixel-PCA residual), and colour (radiographs are grey).
     """
+    if not all(math.isfinite(v) for v in (confidence, ood, pixel, colour)):
+        return "error"  # NaN compares False with every threshold: it must never fall through to 'accept'
     gate = meta.get("ood", {})
     for value, key in ((ood, "threshold"), (pixel, "pixel_threshold"), (colour, "colour_threshold")):
         if gate.get(key) is not None and value > float(gate[key]):
@@ -147,15 +114,26 @@ class Engine:
         import onnxruntime as ort
 
         self.dir = Path(bundle_dir) if bundle_dir else default_bundle_dir()
-        self.meta = read_bundle_meta(self.dir)
+        self.meta = read_bundle_meta(self.dir)  # sealed and valid, or BundleError
         self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
-        with np.load(self.dir / "extras.npz", allow_pickle=False) as z:
-            self.extras = {k: z[k] for k in z.files}
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # steadier tail latency on shared CPUs
-        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        try:
+            with np.load(self.dir / "extras.npz", allow_pickle=False) as z:
+                self.extras = {k: z[k] for k in z.files}
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # steadier latency on shared CPUs
+            model = str(self.dir / "model.onnx")
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            x = np.zeros((1, 1, self.spec.size, self.spec.size), np.float32)
+            logits, feats = self.forward(x)  # one probe: the graph's outputs must fit extras.npz and the classes
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(f"{self.dir}: cannot load the model ({type(exc).__name__}); export it again") from None
+        if logits.shape != (1, len(CLASS_IDS)) or feats.ndim != 4:
+            raise BundleError(f"{self.dir}: model.onnx gives logits {logits.shape}, features {feats.shape}")
+        check_extras(self.extras, feats.shape[1], thumbnails(x).shape[1])
         from cxr_triage.runtime.segment import segmenter_for  # segment imports this module
 
         self.segmenter = segmenter_for(self.dir, self.meta, self.spec)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import logging
@@ -27,7 +26,6 @@ from cxr_triage.core.lungs import (
     view_box,
 )
 from cxr_triage.core.preprocess import (
-    IMAGE_SUFFIXES,
     ImageReadError,
     PreprocessSpec,
     load_grey,
@@ -35,10 +33,13 @@ from cxr_triage.core.preprocess import (
     normalise,
     square,
 )
+from cxr_triage.core.safe_text import csv_cell
 from cxr_triage.runtime.advice import advice
 from cxr_triage.runtime.engine import Engine
+from cxr_triage.runtime.inputs import scan_inputs
 
 log = logging.getLogger(__name__)
+NON_FINITE = "the model gave non-finite probabilities (NaN or infinity) for this image; check the model bundle"
 CSV_COLUMNS = [
     "path",
     "label",
@@ -52,19 +53,9 @@ CSV_COLUMNS = [
 
 
 def collect_inputs(items: Iterable[str]) -> list[str]:
-    """Files as given, folders searched recursively for image files, globs expanded; order kept, no repeats."""
-    out: list[str] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            # a folder named like an image (x.png/) holding no images was meant as a file: report it as an error row
-            out += found or ([item] if p.suffix.lower() in IMAGE_SUFFIXES else [])
-        elif not p.exists() and any(ch in item for ch in "*?["):
-            out += sorted(m for m in glob.glob(item, recursive=True) if Path(m).is_file())
-        else:
-            out.append(item)  # missing files become error rows, not a crash
-    return list(dict.fromkeys(out))
+    """Files as given, folders searched recursively, globs expanded; order kept, no repeats (see ``runtime.inputs``:
+    every named path and every scanned entry that may be an image gets a row)."""
+    return scan_inputs(items).paths
 
 
 def jet(x: np.ndarray) -> np.ndarray:
@@ -148,11 +139,11 @@ def _load(path: str, engine: Engine) -> tuple[np.ndarray, np.ndarray | None, np.
         grey = load_grey(path, info=info)
         sq = square(grey, engine.spec) if engine.spec.lungs == "none" else None
         seg_sq = square(grey, engine.segmenter.spec) if engine.segmenter is not None else None
-        return grey, sq, seg_sq, info.get("colourfulness", 0.0)
+        return fit(grey), sq, seg_sq, info.get("colourfulness", 0.0)  # overlays need no more than fit()
     except ImageReadError as exc:
         return str(exc)
-    except (OSError, MemoryError) as exc:
-        return f"{path}: cannot read ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # load_grey raises only ImageReadError; this keeps the batch going whatever happens
+        return f"{path}: cannot read ({type(exc).__name__})"
 
 
 def lung_masks(engine: Engine, greys: list[np.ndarray], seg_squares: list | None = None) -> list[np.ndarray] | None:
@@ -194,6 +185,9 @@ def predict_arrays(
     rows = []
     for i, grey in enumerate(greys):
         p, k = out.probs[i], int(out.probs[i].argmax())
+        if out.decisions[i] == "error":  # non-finite probabilities: never a label, never accept
+            rows.append({key: v for key, v in error_row("", NON_FINITE).items() if key != "path"})
+            continue
         decision, lung_note, attention = out.decisions[i], "", ""
         cam = engine.cam(out.features[i], k)
         if masks is not None:
@@ -272,11 +266,14 @@ def predict_paths(
 
 
 def write_rows(rows: list[dict[str, Any]], fmt: str, out: io.TextIOBase) -> None:
-    """CSV (the DESIGN.md columns) or JSON lines of rows to a text stream."""
+    """CSV (the DESIGN.md columns; cells that start like a formula get a leading ') or JSON of rows to a stream."""
     if fmt == "csv":
-        w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        cells = [{k: csv_cell(v) for k, v in r.items()} for r in rows]
+        # csv quotes a field holding a character of the line terminator; a bare CR elsewhere would split the row
+        cr = any(isinstance(v, str) and "\r" in v for r in cells for v in r.values())
+        w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\r\n" if cr else "\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(cells)
     elif fmt == "json":
         json.dump(rows, out, ensure_ascii=False, indent=2)
         out.write("\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -29,8 +28,8 @@ from cxr_triage.evaluation.calibrate import (
     fit_temperature,
     macro_f1,
 )
+from cxr_triage.runtime.bundle import BUNDLE_FORMAT, write_meta
 from cxr_triage.runtime.engine import (
-    BUNDLE_FORMAT,
     Engine,
     calibrated_probs,
     ood_scores,
@@ -284,7 +283,7 @@ def export_bundle(
             meta["segmenter"] = {"path": "lungs", "sha256": seg_meta["onnx_sha256"], "name": seg_meta.get("name")}
         if spec.border != trained_border:
             meta["inference_border"] = {"trained": trained_border, "used": spec.border, "chosen_on": "validation"}
-        (tmp / "model.json").write_text(json.dumps(meta))
+        write_meta(tmp, meta)
         engine = Engine(tmp)
         va = np.flatnonzero(df["split"] == "val")[:32]
         x = normalise(np.asarray(images[va]), spec)
@@ -298,8 +297,8 @@ def export_bundle(
         np.savez(tmp / "extras.npz", **extras, **ood)
         meta.update(cal)
         meta["extras_sha256"] = sha256_file(tmp / "extras.npz")
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        Engine(tmp)  # re-open: the hashes and spec must check out
+        write_meta(tmp, meta)  # validated by the schema the engine loads with, and sealed
+        Engine(tmp)  # re-open: the seal, schema and arrays must check out
     log.info("bundle written to %s (parity %.1e)", out_dir, meta["parity_max_prob_diff"])
     return meta
 
@@ -326,7 +325,7 @@ def _quantize(
     (folder / "int8.onnx").replace(folder / "model.onnx")
     meta["onnx_sha256"] = sha256_file(folder / "model.onnx")
     meta["weights"] = "int8 (static QDQ, per-channel; classifier fp32)"
-    (folder / "model.json").write_text(json.dumps(meta))
+    write_meta(folder, meta)
     int8 = Engine(folder)
     after, _, _ = infer_cached(int8, images[va], spec)
     acc_fp32 = float((before.argmax(1) == labels[va]).mean())
