@@ -1,27 +1,25 @@
 """The web service: one static page and a small JSON API over ``predict_bytes`` (FastAPI + uvicorn).
 
-Routes: ``GET /`` (the page), ``POST /api/v1/predict``, ``GET /api/v1/health``, ``GET /api/v1/model``,
-``/docs`` (OpenAPI). The model is loaded once, when the app is created; predictions run in a thread pool
-so requests never block the event loop. Every error is JSON ``{"error": "<sentence>"}``.
+Routes: ``GET /`` (the page), ``POST /api/v1/predict`` (a ``Prediction``), ``GET /api/v1/health``,
+``GET /api/v1/model``, ``GET /api/v1/samples`` and ``/samples/<name>`` (the bundled examples), ``/docs``
+(Swagger UI, served offline) and ``/openapi.json``. The model is loaded once, when the app is created;
+predictions run in a thread pool so requests never block the event loop. Every error is JSON
+``{"error": "<sentence>"}``.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import ipaddress
 import logging
 import re
 import time
-from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,11 +29,12 @@ from cxr_triage import __version__
 from cxr_triage.core.preprocess import DICOM_SUFFIXES, ImageReadError
 from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import png_bytes, predict_bytes
+from cxr_triage.runtime.predict import predict_bytes
+from cxr_triage.runtime.prediction import ModelInfo, Prediction
+from cxr_triage.service_pages import STATIC_DIR, add_page_routes
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(str(resources.files("cxr_triage") / "static"))
 MULTIPART_SLACK = 64 * 1024  # form headers and boundaries around the file
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'",
@@ -51,33 +50,6 @@ _MAGIC = (  # (offset, bytes, kind)
     (0, b"MM\x00*", "tiff"),
     (8, b"WEBP", "webp"),
 )
-
-
-class ModelInfo(BaseModel):
-    """Which model answered."""
-
-    name: str
-    version: str
-    sha256: str = Field(description="sha256 of the bundle's model.onnx")
-
-
-class Prediction(BaseModel):
-    """One prediction: the prediction-CSV fields plus advice, model and optional images."""
-
-    path: str = Field(description="the uploaded file name, sanitised")
-    label: str = Field(description="arg-max class id: covid, lung_opacity, normal or viral_pneumonia")
-    confidence: float = Field(description="probability of the label")
-    p_covid: float
-    p_lung_opacity: float
-    p_normal: float
-    p_viral_pneumonia: float
-    decision: Literal["accept", "uncertain", "rejected", "error"]
-    error: str = ""
-    ood_score: float | None = Field(None, description="distance from the training images; large = unfamiliar")
-    advice: str = Field(description="what to do next (in `lang`), then the not-a-diagnosis notice")
-    model: ModelInfo
-    heatmap: str | None = Field(None, description="base64 PNG: the class activation map over the image")
-    image: str | None = Field(None, description="base64 PNG: the grey input image as the model read it")
 
 
 class Health(BaseModel):
@@ -154,23 +126,14 @@ def safe_name(name: str | None) -> str:
     return base[-100:] or "upload"
 
 
-def b64png(rgb: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(rgb)).decode("ascii")
-
-
 def predict_upload(
     engine: Engine, data: bytes, name: str, kind: str, lang: str, heatmap: bool, image: bool
-) -> dict[str, Any]:
-    """Blocking work for one upload (run in a worker thread): the prediction row with encoded images."""
+) -> Prediction:
+    """Blocking work for one upload (run in a worker thread): the prediction, named as uploaded."""
     dicom_name = Path(name).suffix.lower() in DICOM_SUFFIXES
     decode_name = name if (kind == "dicom") == dicom_name else f"{name}.{kind}"  # decode by content, not name
-    row = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap, image=image)
-    row["path"] = name
-    if row.get("heatmap") is not None:
-        row["heatmap"] = b64png(row["heatmap"])
-    if row.get("image") is not None:
-        row["image"] = b64png(row["image"])
-    return {**row, "model": engine.info}
+    pred = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap, image=image)
+    return pred.model_copy(update={"path": name})
 
 
 def validation_sentence(exc: RequestValidationError) -> str:
@@ -210,21 +173,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": "internal error"}, status_code=500)
 
 
-def page_html() -> str:
-    """index.html with the not-a-diagnosis notice filled in from ``advice.NOTICE`` (one source of truth)."""
-    text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-    for lang, notice in NOTICE.items():
-        text = text.replace(f"{{{{notice_{lang}}}}}", html.escape(notice))
-    return text
-
-
 def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
-    """The page and the /api/v1 routes."""
-    page = page_html()
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers=PAGE_HEADERS)
+    """The /api/v1 routes."""
 
     @app.get("/api/v1/health", response_model=Health, tags=["service"])
     async def health() -> dict[str, Any]:
@@ -236,19 +186,13 @@ def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
         """The bundle's model.json: classes, preprocessing, calibration, thresholds and metrics."""
         return engine.meta
 
-    @app.post(
-        "/api/v1/predict",
-        response_model=Prediction,
-        response_model_exclude_none=True,
-        responses=ERRORS,
-        tags=["predict"],
-    )
+    @app.post("/api/v1/predict", response_model=Prediction, responses=ERRORS, tags=["predict"])
     async def predict(
         file: Annotated[UploadFile, File(description="a chest X-ray: PNG, JPEG or DICOM (BMP, TIFF, WebP)")],
-        lang: Annotated[Literal["en", "ko"], Query(description="language of the advice")] = "en",
+        lang: Annotated[Literal["en", "ko"], Query(description="language of the advice and reasons")] = "en",
         heatmap: Annotated[bool, Query(description="add `heatmap`, a base64 PNG overlay")] = False,
         image: Annotated[bool, Query(description="add `image`, a base64 PNG of the grey input")] = False,
-    ) -> dict[str, Any]:
+    ) -> Prediction:
         """Classify one uploaded chest X-ray and say what to do next. Decision support, not a diagnosis."""
         data = await file.read(max_bytes + 1)
         await file.close()
@@ -260,18 +204,18 @@ def add_routes(app: FastAPI, engine: Engine, max_bytes: int) -> None:
             raise HTTPException(415, f"{name} is not an image: upload a PNG, JPEG or DICOM chest X-ray.")
         start = time.perf_counter()
         try:
-            row = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
+            pred = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
         except ImageReadError as exc:
             raise HTTPException(422, f"The image could not be read: {exc}") from None
         log.info(
             "predicted %s (%d bytes): %s, %s in %.0f ms",
             kind,
             len(data),
-            row["label"],
-            row["decision"],
+            pred.label,
+            pred.decision,
             1000 * (time.perf_counter() - start),
         )
-        return row
+        return pred
 
 
 def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20) -> FastAPI:
@@ -281,11 +225,14 @@ def create_app(bundle_dir: Path | None = None, max_upload_mb: float = 20) -> Fas
     engine = Engine(bundle_dir)
     max_bytes = int(max_upload_mb * 2**20)
     about = "Chest X-ray triage (COVID-19, Lung Opacity, Normal, Viral Pneumonia) with heatmaps and advice. "
-    app = FastAPI(title="cxr-triage", version=__version__, description=about + NOTICE["en"])
+    app = FastAPI(
+        title="cxr-triage", version=__version__, description=about + NOTICE["en"], docs_url=None, redoc_url=None
+    )
     app.state.engine = engine
     app.add_middleware(UploadLimit, max_upload=max_bytes)
     install_error_handlers(app)
     add_routes(app, engine, max_bytes)
+    add_page_routes(app, PAGE_HEADERS)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     log.info("serving %s %s from %s", engine.info["name"], engine.info["version"], engine.dir)
     return app

@@ -19,6 +19,7 @@ import numpy as np
 
 from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.core.preprocess import PreprocessSpec
+from cxr_triage.runtime.reasons import decision_of, findings
 
 BUNDLE_FORMAT = "cxr-triage-bundle/1"
 DECISIONS = ("accept", "uncertain", "rejected", "error")
@@ -110,15 +111,9 @@ def decide(confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0
     """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold.
 
     Three gates, each fitted or fixed at export: unfamiliar network features (Mahalanobis), an unfamiliar
-    image layout (pixel-PCA residual), and colour (radiographs are grey).
+    image layout (pixel-PCA residual), and colour (radiographs are grey). The rule is ``reasons.findings``.
     """
-    gate = meta.get("ood", {})
-    for value, key in ((ood, "threshold"), (pixel, "pixel_threshold"), (colour, "colour_threshold")):
-        if gate.get(key) is not None and value > float(gate[key]):
-            return "rejected"
-    if confidence < float(meta.get("abstain", {}).get("threshold", 0.0)):
-        return "uncertain"
-    return "accept"
+    return decision_of(findings(confidence, ood, meta, pixel, colour))
 
 
 def class_activation_map(features: np.ndarray, class_idx: int, extras: dict[str, np.ndarray]) -> np.ndarray:

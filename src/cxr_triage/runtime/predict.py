@@ -1,27 +1,26 @@
-"""Classify image files with a bundle (onnxruntime only; never imports torch): rows, advice, heatmap overlays."""
+"""Classify images with a bundle (onnxruntime only; never imports torch): ``Prediction``s and heatmap overlays.
+
+CSV, JSON and the CLI table are rendered from the predictions by ``formats.py``.
+"""
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.core.preprocess import IMAGE_SUFFIXES, ImageReadError, PreprocessSpec, load_grey, normalise, square
-from cxr_triage.runtime.advice import advice
 from cxr_triage.runtime.engine import Engine
+from cxr_triage.runtime.prediction import ModelInfo, Prediction, png_bytes
+from cxr_triage.runtime.reasons import findings
 
 log = logging.getLogger(__name__)
-CSV_COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASS_IDS], "decision", "error"]
+__all__ = ["collect_inputs", "overlay", "png_bytes", "predict_arrays", "predict_bytes", "predict_grey", "predict_paths"]
 
 
 def collect_inputs(items: Iterable[str]) -> list[str]:
@@ -57,48 +56,40 @@ def fit(grey: np.ndarray, max_side: int = 512) -> np.ndarray:
     return np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR))
 
 
+def heat_field(h: int, w: int, cam: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The class activation map on an (h, w) image, in [0, 1].
+
+    The map is placed where the model's square came from (inside the trimmed border; for ``crop`` the centre
+    square, for ``pad`` the image part of the letterbox) and extended to the edges with its nearest values over
+    the trimmed border and any cropped-away side, so the overlay covers the whole image and leaves no frame.
+    """
+    dy, dx = round(h * spec.border), round(w * spec.border)
+    ih, iw = h - 2 * dy, w - 2 * dx
+
+    def resized(rh: int, rw: int) -> np.ndarray:
+        return np.asarray(Image.fromarray(cam.astype(np.float32)).resize((rw, rh), Image.Resampling.BILINEAR))
+
+    if spec.resize == "crop" and ih != iw:
+        s = min(ih, iw)
+        y, x, region = dy + (ih - s) // 2, dx + (iw - s) // 2, resized(s, s)
+    elif spec.resize == "pad" and ih != iw:
+        s = max(ih, iw)
+        y0, x0 = (s - ih) // 2, (s - iw) // 2
+        y, x, region = dy, dx, resized(s, s)[y0 : y0 + ih, x0 : x0 + iw]
+    else:
+        y, x, region = dy, dx, resized(ih, iw)
+    rh, rw = region.shape
+    return np.pad(region, ((y, h - y - rh), (x, w - x - rw)), mode="edge").clip(0, 1)
+
+
 def overlay(
     grey: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, alpha: float = 0.4, max_side: int = 512
 ) -> np.ndarray:
-    """The heatmap over the original image (its aspect ratio kept): RGB uint8."""
+    """The heatmap over the original image (its aspect ratio kept, the whole image covered): RGB uint8."""
     base = fit(grey, max_side).astype(np.float32)
-    h, w = base.shape
-    heat = np.zeros((h, w), np.float32)
-    dy, dx = round(h * spec.border), round(w * spec.border)
-    ih, iw = h - 2 * dy, w - 2 * dx
-    if spec.resize == "stretch" or ih == iw:
-        region = (dy, dx, ih, iw)
-    elif spec.resize == "crop":
-        s = min(ih, iw)
-        region = (dy + (ih - s) // 2, dx + (iw - s) // 2, s, s)
-    else:  # pad: the square covered the whole image plus bars; take the image part of the map
-        s = max(ih, iw)
-        big = np.asarray(Image.fromarray(cam).resize((s, s), Image.Resampling.BILINEAR))
-        y0, x0 = (s - ih) // 2, (s - iw) // 2
-        heat[dy : dy + ih, dx : dx + iw] = big[y0 : y0 + ih, x0 : x0 + iw]
-        region = None
-    if region is not None:
-        y, x, rh, rw = region
-        heat[y : y + rh, x : x + rw] = np.asarray(Image.fromarray(cam).resize((rw, rh), Image.Resampling.BILINEAR))
+    heat = heat_field(*base.shape, cam, spec)
     rgb = (1 - alpha * heat[..., None]) * base[..., None] + alpha * heat[..., None] * jet(heat)
     return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-def error_row(path: str, reason: str) -> dict[str, Any]:
-    return {
-        "path": path,
-        "label": "",
-        "confidence": "",
-        **{f"p_{c}": "" for c in CLASS_IDS},
-        "decision": "error",
-        "error": reason,
-    }
 
 
 def _load(path: str, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, float] | str:
@@ -120,38 +111,46 @@ def predict_arrays(
     lang: str = "en",
     heatmaps: bool = False,
     colours: list[float] | None = None,
-) -> list[dict[str, Any]]:
-    """Rows (CSV fields + advice, optionally a heatmap RGB array) for decoded images."""
+    paths: list[str] | None = None,
+) -> list[Prediction]:
+    """Predictions for decoded images (grey originals and their model-size squares), optionally with heatmaps."""
     out = engine.run(normalise(np.stack(squares), engine.spec), colours)
-    rows = []
+    colours = colours if colours is not None else [0.0] * len(greys)
+    paths = paths if paths is not None else [""] * len(greys)
+    model = ModelInfo(**engine.info)
+    preds = []
     for i, grey in enumerate(greys):
-        p, k = out.probs[i], int(out.probs[i].argmax())
-        row = {
-            "label": CLASS_IDS[k],
-            "confidence": round(float(p[k]), 6),
-            **{f"p_{c}": round(float(v), 6) for c, v in zip(CLASS_IDS, p, strict=True)},
-            "decision": out.decisions[i],
-            "error": "",
-            "ood_score": round(float(out.ood[i]), 3),
-            "advice": advice(CLASS_IDS[k], out.decisions[i], lang),
-        }
+        probs = out.probs[i]
+        found = findings(float(probs.max()), float(out.ood[i]), engine.meta, float(out.pixel[i]), float(colours[i]))
+        extra = {}
         if heatmaps and out.decisions[i] != "rejected":
-            row["heatmap"] = overlay(grey, engine.cam(out.features[i], k), engine.spec)
-        rows.append(row)
-    return rows
+            extra["heatmap"] = overlay(grey, engine.cam(out.features[i], int(probs.argmax())), engine.spec)
+        preds.append(Prediction.answer(paths[i], probs, found, float(out.ood[i]), model, lang, **extra))
+    return preds
+
+
+def predict_grey(
+    engine: Engine,
+    grey: np.ndarray,
+    name: str,
+    lang: str = "en",
+    heatmap: bool = False,
+    image: bool = False,
+    colour: float = 0.0,
+) -> Prediction:
+    """One decoded grey image; ``image`` adds it (shrunk for display) to the prediction."""
+    pred = predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap, [colour], [name])[0]
+    return pred.model_copy(update={"image": fit(grey)}) if image else pred
 
 
 def predict_bytes(
     engine: Engine, data: bytes, name: str = "upload", lang: str = "en", heatmap: bool = False, image: bool = False
-) -> dict[str, Any]:
+) -> Prediction:
     """One image given as bytes (the service's path); ``image`` adds the decoded input as shown under the heatmap.
     Raises ImageReadError for unreadable input."""
     info: dict[str, float] = {}
     grey = load_grey(data, name=name, info=info)
-    rows = predict_arrays(engine, [grey], [square(grey, engine.spec)], lang, heatmap, [info.get("colourfulness", 0.0)])
-    if image:
-        rows[0]["image"] = fit(grey)
-    return {"path": name, **rows[0]}
+    return predict_grey(engine, grey, name, lang, heatmap, image, info.get("colourfulness", 0.0))
 
 
 def predict_paths(
@@ -161,10 +160,13 @@ def predict_paths(
     heatmap_dir: Path | None = None,
     batch_size: int = 32,
     workers: int = 2,
-) -> Iterator[dict[str, Any]]:
-    """Rows for every path, in order; decoding runs in threads while the previous batch is scored."""
+    heatmaps: bool = False,
+) -> Iterator[Prediction]:
+    """A prediction for every path, in order (unreadable files: decision 'error'); decoding runs in threads while
+    the previous batch is scored. ``heatmap_dir``: write overlay PNGs there; ``heatmaps``: keep them as arrays."""
     if heatmap_dir is not None:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
+    model = ModelInfo(**engine.info)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         pending = pool.map(lambda b: [_load(p, engine.spec) for p in b], batches)
@@ -176,33 +178,21 @@ def predict_paths(
                     [r[0] for _, r in good],
                     [r[1] for _, r in good],
                     lang,
-                    heatmap_dir is not None,
+                    heatmaps or heatmap_dir is not None,
                     [r[2] for _, r in good],
+                    [p for p, _ in good],
                 )
                 if good
                 else []
             )
             for j, (p, r) in enumerate(zip(batch, loaded, strict=True)):
                 if isinstance(r, str):
-                    yield error_row(p, r)
+                    yield Prediction.unreadable(p, r, model, lang)
                     continue
-                row = {"path": p, **next(scored)}
-                heat = row.pop("heatmap", None)
-                if heat is not None:
+                pred = next(scored)
+                if heatmap_dir is not None and pred.heatmap is not None:
                     target = heatmap_dir / f"{idx * batch_size + j:05d}_{Path(p).stem}_heatmap.png"
-                    Image.fromarray(heat).save(target)
-                    row["heatmap_path"] = str(target)
-                yield row
-
-
-def write_rows(rows: list[dict[str, Any]], fmt: str, out: io.TextIOBase) -> None:
-    """CSV (the DESIGN.md columns) or JSON lines of rows to a text stream."""
-    if fmt == "csv":
-        w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    elif fmt == "json":
-        json.dump(rows, out, ensure_ascii=False, indent=2)
-        out.write("\n")
-    else:
-        raise ValueError(f"unknown format {fmt!r}; use table, csv or json")
+                    Image.fromarray(pred.heatmap).save(target)
+                    keep = pred.heatmap if heatmaps else None
+                    pred = pred.model_copy(update={"heatmap_path": str(target), "heatmap": keep})
+                yield pred
