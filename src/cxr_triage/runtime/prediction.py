@@ -99,7 +99,8 @@ class Reason(BaseModel):
 class Prediction(BaseModel):
     """One chest X-ray's answer: class, probabilities, decision, reasons and advice. Not a diagnosis."""
 
-    model_config = ConfigDict(frozen=True)
+    # every field is always in the JSON form, so the (serialization) schema marks them all required
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
 
     path: str = Field(description="the input's path or name")
     label: ClassId | None = Field(description="the most likely class; null when rejected or unreadable")
