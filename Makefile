@@ -1,11 +1,15 @@
-# cxr-triage: `make demo` runs the shipped model on the bundled samples; `make test` runs lint + tests.
+# cxr-triage: `make demo` runs the shipped model on the bundled samples; `make test` runs lint + tests;
+# `make serve` builds a light venv (.venv-serve: predict + web page, no torch) and starts the page.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 HEATMAPS ?= demo-heatmaps
+SERVE_VENV := .venv-serve
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: demo test lint venv-base venv-full clean
+.PHONY: demo test lint serve venv-base venv-full clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,16 @@ $(VENV)/.full: pyproject.toml | $(BIN)/python
 venv-base: $(VENV)/.base
 venv-full: $(VENV)/.full
 
+# the web page's light install: the [serve] extra only (no torch, no pandas/matplotlib), no pip upgrade
+$(SERVE_VENV)/.serve: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q -e '.[serve]'
+	touch $@
+
+serve: $(SERVE_VENV)/.serve
+	@echo "cxr-triage page: http://$(HOST):$(PORT)/  (API docs: /docs; Ctrl-C stops it)"
+	$(SERVE_VENV)/bin/cxr-triage serve --host $(HOST) --port $(PORT)
+
 demo: $(VENV)/.base
 	$(BIN)/cxr-triage predict src/cxr_triage/assets/samples --heatmaps $(HEATMAPS)
 	$(BIN)/cxr-triage segment src/cxr_triage/assets/samples --out $(HEATMAPS)/lungs
@@ -37,7 +51,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(HEATMAPS) .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) $(HEATMAPS) .pytest_cache
 
 # --- the shipped model, end to end (needs ../shared/data; about 1.5 h on a 2-core CPU) ---
 DATASET ?= ../shared/data/COVID-19_Radiography_Dataset

@@ -233,9 +233,9 @@ def test_predictions_from_dicom_match_the_png(smoke_bundle, image12, tmp_path):
     Image.fromarray(np.rint(image12 * (255 / 4095)).astype(np.uint8)).save(tmp_path / "a.png")
     paths = [str(tmp_path / n) for n in ("a.png", "m2.dcm", "m1.dcm")]
     rows = list(predict_paths(Engine(smoke_bundle), paths))
-    assert all(r["decision"] != "error" for r in rows), rows
-    ref = np.array([rows[0][f"p_{c}"] for c in ("covid", "lung_opacity", "normal", "viral_pneumonia")])
+    assert all(r.decision != "error" for r in rows), rows
+    ref = np.array(list(rows[0].probabilities.values()))
     for r in rows[1:]:
-        p = np.array([r[f"p_{c}"] for c in ("covid", "lung_opacity", "normal", "viral_pneumonia")])
-        assert r["label"] == rows[0]["label"] and np.abs(p - ref).max() < 2e-2
+        p = np.array(list(r.probabilities.values()))
+        assert r.label == rows[0].label and np.abs(p - ref).max() < 2e-2
         assert all(v not in str(r) for v in PHI.values())

@@ -86,10 +86,12 @@ def test_predictions_are_the_predictors(evaluated, smoke_bundle: Path):
     _, out, ds = evaluated
     preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     rows = list(predict_paths(Engine(smoke_bundle), [str(ds.root / p) for p in preds["path"]]))
-    assert list(preds["pred"]) == [r["label"] for r in rows]
-    assert list(preds["decision"]) == [r["decision"] for r in rows]
+    # pred is the arg-max class, rejected images included (their predictions carry no label)
+    assert list(preds["pred"]) == [r.top(1)[0][0] if r.probabilities else "" for r in rows]
+    assert all(r.label in (p, None) for p, r in zip(preds["pred"], rows, strict=True))
+    assert list(preds["decision"]) == [r.decision for r in rows]
     ok = preds["decision"] != "error"
-    expected = np.array([[r[c] for c in P_COLS] for r, k in zip(rows, ok, strict=True) if k], float)
+    expected = np.array([[getattr(r, c) for c in P_COLS] for r, k in zip(rows, ok, strict=True) if k], float)
     np.testing.assert_allclose(preds.loc[ok, P_COLS].to_numpy(float), expected, atol=2e-6)
 
 

@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 
 from cxr_triage.cli import app
 from cxr_triage.core.classes import CLASS_IDS
-from cxr_triage.core.preprocess import load_grey
+from cxr_triage.core.preprocess import PreprocessSpec, load_grey
 from cxr_triage.evaluation.calibrate import abstain_threshold, ece, fit_logit_bias, fit_temperature
 from cxr_triage.runtime.advice import advice
 from cxr_triage.runtime.engine import Engine, decide, softmax
-from cxr_triage.runtime.predict import CSV_COLUMNS, collect_inputs, predict_paths, write_rows
+from cxr_triage.runtime.formats import write_rows
+from cxr_triage.runtime.predict import collect_inputs, heat_field, overlay, predict_paths
+from cxr_triage.runtime.prediction import CSV_COLUMNS
 
 
 @pytest.fixture
@@ -47,20 +49,25 @@ def test_rows_errors_and_heatmaps(smoke_bundle: Path, image_folder: Path, tmp_pa
     engine = Engine(smoke_bundle)
     paths = collect_inputs([str(image_folder)]) + [str(tmp_path / "missing.png")]
     rows = list(predict_paths(engine, paths, heatmap_dir=tmp_path / "heat", batch_size=2))
-    assert [r["path"] for r in rows] == paths
-    bad = {Path(r["path"]).name: r for r in rows if r["decision"] == "error"}
+    assert [r.path for r in rows] == paths
+    bad = {Path(r.path).name: r for r in rows if r.decision == "error"}
     assert set(bad) == {"broken.png", "missing.png"}
-    assert "no such file" in bad["missing.png"]["error"] and "corrupt" in bad["broken.png"]["error"]
+    assert "no such file" in bad["missing.png"].error and "corrupt" in bad["broken.png"].error
+    for r in bad.values():
+        assert r.label is None and r.confidence is None and r.probabilities == {}
+        assert [x.code for x in r.reasons] == ["unreadable"] and r.error in r.reasons[0].text
     for r in rows:
-        if r["decision"] == "error":
+        if r.decision == "error":
             continue
-        p = np.array([r[f"p_{c}"] for c in CLASS_IDS])
-        assert abs(p.sum() - 1) < 1e-4 and r["label"] == CLASS_IDS[int(p.argmax())]
-        assert r["decision"] in ("accept", "uncertain", "rejected")
-        if r["decision"] != "rejected":
-            w, h = Image.open(r["heatmap_path"]).size
-            src = Image.open(r["path"]).size
+        p = np.array([r.probabilities[c] for c in CLASS_IDS])
+        assert abs(p.sum() - 1) < 1e-4 and r.top(1)[0][0] == CLASS_IDS[int(p.argmax())]
+        assert r.decision in ("accept", "uncertain", "rejected")
+        assert r.label == (None if r.decision == "rejected" else CLASS_IDS[int(p.argmax())])
+        if r.decision != "rejected":
+            w, h = Image.open(r.heatmap_path).size
+            src = Image.open(r.path).size
             assert (w, h) == src  # overlay keeps the original size (< 512 px here)
+            assert r.heatmap is None  # written to a file, not kept
     buf = io.StringIO()
     write_rows(rows, "csv", buf)
     parsed = list(csv.DictReader(io.StringIO(buf.getvalue())))
@@ -73,9 +80,9 @@ def test_predictions_are_deterministic(smoke_bundle: Path, image_folder: Path):
     a = list(predict_paths(engine, paths))
     b = list(predict_paths(Engine(smoke_bundle), paths, batch_size=1))
     for x, y in zip(a, b, strict=True):
-        assert x["label"] == y["label"]
-        if x["decision"] != "error":
-            assert abs(x["confidence"] - y["confidence"]) < 1e-5
+        assert x.label == y.label and x.decision == y.decision
+        if x.decision != "error":
+            assert abs(x.p_covid - y.p_covid) < 1e-5
 
 
 def test_cli_predict_formats_and_exit_codes(smoke_bundle: Path, image_folder: Path):
@@ -102,7 +109,7 @@ def test_predict_path_does_not_import_torch(smoke_bundle: Path, image_folder: Pa
         "import sys; from cxr_triage.cli import app; from cxr_triage.runtime.engine import Engine;"
         "from cxr_triage.runtime.predict import predict_paths;"
         f"rows = list(predict_paths(Engine({str(smoke_bundle)!r}), [{str(image_folder / 'covid.png')!r}]));"
-        "assert rows[0]['label']; print('torch' in sys.modules)"
+        "assert rows[0].decision != 'error'; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -139,8 +146,9 @@ def test_colour_pictures_are_rejected_grey_copies_are_not(smoke_bundle: Path, cl
     Image.fromarray(np.stack([grey] * 3, axis=2)).save(tmp_path / "grey_rgb.png")
     tinted = np.stack([grey, grey // 3, 255 - grey], axis=2).astype(np.uint8)
     Image.fromarray(tinted).save(tmp_path / "colour.png")
-    rows = {Path(r["path"]).name: r for r in predict_paths(Engine(smoke_bundle), collect_inputs([str(tmp_path)]))}
-    assert rows["colour.png"]["decision"] == "rejected"
+    rows = {Path(r.path).name: r for r in predict_paths(Engine(smoke_bundle), collect_inputs([str(tmp_path)]))}
+    assert rows["colour.png"].decision == "rejected" and rows["colour.png"].label is None
+    assert "colour" in [r.code for r in rows["colour.png"].reasons]
     info_grey: dict = {}
     info_colour: dict = {}
     load_grey(tmp_path / "grey_rgb.png", info=info_grey)
@@ -165,3 +173,16 @@ def test_calibration_fits():
     shifted = np.log(probs) - np.array([3.0, 0, 0, 0])
     bias = fit_logit_bias(shifted, labels)
     assert bias[0] - bias[1:].mean() > 1.5
+
+
+@pytest.mark.parametrize("resize", ["stretch", "crop", "pad"])
+def test_heatmap_covers_the_whole_image(resize: str):
+    """The trimmed border (and a cropped-away side) gets the map's nearest values: no square frame is left."""
+    spec = PreprocessSpec(size=64, resize=resize, border=0.06)
+    flat = overlay(np.full((200, 300), 100, np.uint8), np.ones((5, 5), np.float32), spec)
+    assert flat.shape == (200, 300, 3) and (flat == flat[100, 150]).all()  # one colour, edge to edge
+    ramp = np.tile(np.linspace(0, 1, 5, dtype=np.float32), (5, 1))  # 0 on the left, 1 on the right
+    heat = heat_field(200, 300, ramp, spec)
+    assert heat.shape == (200, 300) and np.allclose(heat[:, -1], 1) and np.allclose(heat[:, 0], 0)
+    assert np.abs(np.diff(heat, axis=1)).max() < 0.05  # continuous: no step at the trimmed border
+    assert np.allclose(heat, heat[:1])  # constant down every column, borders included

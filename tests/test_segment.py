@@ -20,7 +20,6 @@ from cxr_triage.core.lungs import (
     clean_mask,
     input_mask,
     lung_attention,
-    lung_gate,
     lung_stats,
     lung_view,
 )
@@ -181,11 +180,16 @@ def test_lung_view_and_attention():
 
 
 def test_lung_gate():
-    assert lung_gate(LungStats(0.01, False, False), 0.05, 0.75)[0] == "rejected"
-    decision, reason = lung_gate(LungStats(0.2, True, False), 0.05, 0.75)
-    assert decision == "uncertain" and "left" in reason
-    assert lung_gate(LungStats(0.9, True, True), 0.05, 0.75)[0] == "uncertain"
-    assert lung_gate(LungStats(0.3, True, True), 0.05, 0.75) == (None, "")
+    from cxr_triage.runtime.reasons import decision_of, lung_findings
+
+    def decide(stats: LungStats) -> str:
+        return decision_of(lung_findings(stats, 0.05, 0.75))
+
+    assert decide(LungStats(0.01, False, False)) == "rejected"
+    assert decide(LungStats(0.2, True, False)) == "uncertain"
+    assert lung_findings(LungStats(0.2, True, False), 0.05, 0.75)[0].code == "one_lung"
+    assert decide(LungStats(0.9, True, True)) == "uncertain"
+    assert decide(LungStats(0.3, True, True)) == "accept"
 
 
 def test_masked_extra_view_inverts_back():
@@ -223,9 +227,10 @@ def test_whole_image_bundle_with_segmenter(smoke_run, seg_bundle, tmp_path):
     chest_img, _ = chest(110, 100, np.random.default_rng(5))
     blank = np.zeros((100, 100), np.uint8)
     rows = predict_arrays(engine, [chest_img, blank], heatmaps=True)
-    assert 0.0 <= rows[0]["lung_attention"] <= 1.0
-    assert rows[1]["decision"] == "rejected" and "no lung fields" in rows[1]["lung_note"]
-    assert "heatmap" not in rows[1]
+    assert 0.0 <= rows[0].lung_attention <= 1.0
+    assert rows[1].decision == "rejected" and rows[1].label is None
+    assert any(r.code == "no_lungs" and "no lung fields" in r.text for r in rows[1].reasons)
+    assert rows[1].heatmap is None
     mask = engine.segmenter.masks([chest_img])[0]
     heat = overlay(chest_img, np.ones((4, 4), np.float32), engine.spec, lungs=mask)
     assert heat.shape == (110, 100, 3)
@@ -271,7 +276,7 @@ def test_lung_view_classifier_with_extra_set(smoke_manifest, seg_bundle, tmp_pat
     assert meta["preprocess"]["lungs"] == "mask" and meta["segmenter"]["sha256"] == seg_bundle[1]["onnx_sha256"]
     img = sorted((seg_bundle[3] / "images").iterdir())[0]
     row = next(predict_paths(Engine(out), [str(img)]))
-    assert row["decision"] in ("accept", "uncertain", "rejected") and 0 <= row["lung_attention"] <= 1
+    assert row.decision in ("accept", "uncertain", "rejected") and 0 <= row.lung_attention <= 1
     import shutil
 
     shutil.rmtree(out / "lungs")

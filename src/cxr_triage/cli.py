@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
+
+from cxr_triage import __version__
+from cxr_triage.core.extras import as_missing_extra
 
 app = typer.Typer(
     add_completion=False,
@@ -52,8 +56,31 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _needs(extra: str, command: str) -> Iterator[None]:
+    """Code that needs an optional extra: if one of its modules is missing, one sentence naming it (exit 2)."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = as_missing_extra(exc, extra, f"`cxr-triage {command}`")
+        if missing is None:
+            raise
+        _fail(str(missing))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxr-triage {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -69,8 +96,9 @@ def ingest(
     """Build a duplicate-aware, stratified, reproducible manifest of a labelled image folder."""
     import time
 
-    from cxr_triage.data.manifest import DatasetError, write_outputs
-    from cxr_triage.data.manifest import ingest as run_ingest
+    with _needs("eval", "ingest"):
+        from cxr_triage.data.manifest import DatasetError, write_outputs
+        from cxr_triage.data.manifest import ingest as run_ingest
 
     t0 = time.time()
     try:
@@ -98,8 +126,9 @@ def eda(
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html and the PNG figures.")],
 ) -> None:
     """Explore a manifest: one self-contained report.html plus PNG figures."""
-    from cxr_triage.data.eda import run_eda
-    from cxr_triage.data.manifest import DatasetError
+    with _needs("eval", "eda"):
+        from cxr_triage.data.eda import run_eda
+        from cxr_triage.data.manifest import DatasetError
 
     try:
         report = run_eda(manifest, out)
@@ -115,8 +144,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
     """Train a model (timm + Lightning); writes runs/<name>/ with checkpoints, history and best.pt."""
-    from cxr_triage.core.config import ConfigError, load_config
-    from cxr_triage.training.train import train as run_train
+    with _needs("train", "train"):
+        from cxr_triage.core.config import ConfigError, load_config
+        from cxr_triage.training.train import train as run_train
 
     try:
         cfg = load_config(config, overrides or [])
@@ -174,8 +204,10 @@ def export(
 ) -> None:
     """Export a checkpoint (or an ensemble of several) to a verified, calibrated ONNX bundle."""
     from cxr_triage.runtime.engine import BundleError
-    from cxr_triage.training.export import ExportError, export_bundle
-    from cxr_triage.training.model import CheckpointError
+
+    with _needs("train", "export"):
+        from cxr_triage.training.export import ExportError, export_bundle
+        from cxr_triage.training.model import CheckpointError
 
     try:
         meta = export_bundle(
@@ -210,22 +242,24 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a model: metrics.json (with CIs, per origin, calibration) and report.html."""
-    from cxr_triage.data.manifest import DatasetError
-    from cxr_triage.evaluation.evaluate import evaluate as run_evaluate
+    with _needs("eval", "evaluate"):
+        from cxr_triage.data.manifest import DatasetError
+        from cxr_triage.evaluation.evaluate import evaluate as run_evaluate
     from cxr_triage.runtime.engine import BundleError
 
     try:
-        metrics = run_evaluate(
-            model,
-            data,
-            split=split,
-            out_dir=out,
-            bootstrap=bootstrap,
-            record=record,
-            gallery=gallery,
-            seed=seed,
-            ood=ood,
-        )
+        with _needs("train", "evaluate (of a checkpoint)"):
+            metrics = run_evaluate(
+                model,
+                data,
+                split=split,
+                out_dir=out,
+                bootstrap=bootstrap,
+                record=record,
+                gallery=gallery,
+                seed=seed,
+                ood=ood,
+            )
     except (BundleError, DatasetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     console.print(
@@ -241,17 +275,19 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Write csv/json here instead of stdout.")] = None,
     heatmaps: Annotated[Path | None, typer.Option("--heatmaps", help="Folder for heatmap overlay PNGs.")] = None,
-    lang: Annotated[str, typer.Option("--lang", help="Advice language: en or ko.")] = "en",
+    lang: Annotated[str, typer.Option("--lang", help="Language of every human string: en or ko.")] = "en",
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
 ) -> None:
     """Classify chest X-rays with triage advice; exit 3 if any input could not be read."""
     from cxr_triage.runtime.engine import BundleError, Engine
+    from cxr_triage.runtime.formats import FORMATS, write_rows
+    from cxr_triage.runtime.i18n import LANGS
     from cxr_triage.runtime.inputs import scan_inputs
-    from cxr_triage.runtime.predict import predict_paths, write_rows
+    from cxr_triage.runtime.predict import predict_paths
 
-    if fmt not in ("table", "csv", "json"):
+    if fmt not in FORMATS:
         _fail(f"unknown --format {fmt!r}; use table, csv or json")
-    if lang not in ("en", "ko"):
+    if lang not in LANGS:
         _fail(f"unknown --lang {lang!r}; use en or ko")
     found = scan_inputs(paths)
     files = found.paths
@@ -263,18 +299,18 @@ def predict(
         engine = Engine(model)
     except BundleError as exc:
         _fail(str(exc))
-    rows = list(_progress("predicting")(predict_paths(engine, files, lang, heatmaps, batch_size), len(files)))
+    preds = list(_progress("predicting")(predict_paths(engine, files, lang, heatmaps, batch_size), len(files)))
     if fmt == "table":
-        _print_table(rows, lang)
+        _print_table(preds, lang)
     elif out is not None:
         with open(out, "w", encoding="utf-8", newline="") as f:
-            write_rows(rows, fmt, f)
-        console.print(escape(f"wrote {len(rows)} rows to {out}"))
+            write_rows(preds, fmt, f)
+        console.print(escape(f"wrote {len(preds)} rows to {out}"))
     else:
-        write_rows(rows, fmt, sys.stdout)
+        write_rows(preds, fmt, sys.stdout)
     if heatmaps is not None:
         console.print(escape(f"heatmaps: {heatmaps}"))
-    if any(r["decision"] == "error" for r in rows):
+    if any(p.decision == "error" for p in preds):
         raise typer.Exit(3)
 
 
@@ -332,22 +368,19 @@ def segment(
         raise typer.Exit(3)
 
 
-def _print_table(rows: list[dict], lang: str) -> None:
-    """A readable table (advice without the repeated notice), then the notice once."""
-    from cxr_triage.core.classes import DISPLAY_NAMES
+def _print_table(preds: list, lang: str) -> None:
+    """The predictions as a readable table in ``lang`` (``formats.table_cells``), then the notice once."""
     from cxr_triage.runtime.advice import NOTICE
+    from cxr_triage.runtime.formats import table_cells, table_headers
 
     out = Console()
     if not out.is_terminal:
-        out = Console(width=150)
+        out = Console(width=160)
     table = Table(show_lines=True)
-    for col, width in (("image", 24), ("result", 16), ("confidence", 10), ("decision", 9), ("next step", None)):
-        table.add_column(col, overflow="fold", min_width=width)
-    for r in rows:
-        label = DISPLAY_NAMES.get(r["label"], "") if r["decision"] not in ("error", "rejected") else ""
-        conf = f"{r['confidence']:.1%}" if label else ""
-        step = (r.get("advice") or "").removesuffix(NOTICE[lang]).strip() or r["error"]
-        table.add_row(*(Text(str(v)) for v in (Path(r["path"]).name, label, conf, r["decision"], step)))
+    for header, width in zip(table_headers(lang), (20, 16, 10, 10, 24, None), strict=True):
+        table.add_column(header, overflow="fold", min_width=width)
+    for p in preds:
+        table.add_row(*table_cells(p, lang))
     out.print(table)
     out.print(NOTICE[lang])
 
@@ -382,10 +415,12 @@ def serve(
     workers: Annotated[int, typer.Option(help="Uploads decoded and scored at once; more wait, then get 503.")] = 2,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 20.0,
 ) -> None:
-    """Web page and JSON API (FastAPI + uvicorn); limits and timeouts as in README "Reliability"."""
+    """Web page and JSON API (FastAPI + uvicorn; the [serve] extra); limits and timeouts as in README "Reliability"."""
     from cxr_triage.runtime.engine import BundleError
-    from cxr_triage.service import run
-    from cxr_triage.service_guard import ServiceLimits
+
+    with _needs("serve", "serve"):
+        from cxr_triage.service import run
+        from cxr_triage.service_guard import ServiceLimits
 
     try:
         limits = ServiceLimits(max_upload_mb=max_upload_mb, workers=workers)

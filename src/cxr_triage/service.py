@@ -1,29 +1,27 @@
 """The web service: one static page and a small JSON API over ``predict_bytes`` (FastAPI + uvicorn).
 
-Routes: ``GET /`` (the page), ``POST /api/v1/predict``, ``GET /api/v1/health``, ``GET /api/v1/model``,
-``/docs`` (OpenAPI). The model is loaded once, when the app is created; predictions run in a thread pool
-so requests never block the event loop. Every error is JSON ``{"error": "<sentence>"}``. The limits (workers,
-queue, timeouts, trusted hosts, security headers) are applied by ``service_guard``.
-``GET /api/v1/worklist`` lists the DICOM node's worklist when the app is given its ``--store`` folder.
+Routes: ``GET /`` (the page), ``POST /api/v1/predict`` (a ``Prediction``), ``GET /api/v1/health``,
+``GET /api/v1/model``, ``GET /api/v1/samples`` and ``/samples/<name>`` (the bundled examples), ``/docs``
+(Swagger UI, served offline) and ``/openapi.json``. The model is loaded once, when the app is created;
+predictions run in a thread pool so requests never block the event loop. Every error is JSON
+``{"error": "<sentence>"}``. The limits (workers, queue,
+timeouts, trusted hosts, security headers) are applied by ``service_guard``; ``GET /api/v1/worklist`` lists the
+DICOM node's worklist when the app is given its ``--store`` folder.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import ipaddress
 import logging
 import re
 import time
-from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +31,8 @@ from cxr_triage import __version__
 from cxr_triage.core.preprocess import DICOM_SUFFIXES, ImageReadError
 from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import png_bytes, predict_bytes
+from cxr_triage.runtime.predict import predict_bytes
+from cxr_triage.runtime.prediction import ModelInfo, Prediction
 from cxr_triage.runtime.worklist import read_worklist
 from cxr_triage.service_guard import (
     LOOPBACK_HOSTS,
@@ -44,10 +43,9 @@ from cxr_triage.service_guard import (
     too_large,
     uvicorn_options,
 )
+from cxr_triage.service_pages import STATIC_DIR, add_page_routes
 
 log = logging.getLogger(__name__)
-
-STATIC_DIR = Path(str(resources.files("cxr_triage") / "static"))
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -64,33 +62,6 @@ _MAGIC = (  # (offset, bytes, kind)
     (0, b"MM\x00*", "tiff"),
     (8, b"WEBP", "webp"),
 )
-
-
-class ModelInfo(BaseModel):
-    """Which model answered."""
-
-    name: str
-    version: str
-    sha256: str = Field(description="sha256 of the bundle's model.onnx")
-
-
-class Prediction(BaseModel):
-    """One prediction: the prediction-CSV fields plus advice, model and optional images."""
-
-    path: str = Field(description="the uploaded file name, sanitised")
-    label: str = Field(description="arg-max class id: covid, lung_opacity, normal or viral_pneumonia")
-    confidence: float = Field(description="probability of the label")
-    p_covid: float
-    p_lung_opacity: float
-    p_normal: float
-    p_viral_pneumonia: float
-    decision: Literal["accept", "uncertain", "rejected", "error"]
-    error: str = ""
-    ood_score: float | None = Field(None, description="distance from the training images; large = unfamiliar")
-    advice: str = Field(description="what to do next (in `lang`), then the not-a-diagnosis notice")
-    model: ModelInfo
-    heatmap: str | None = Field(None, description="base64 PNG: the class activation map over the image")
-    image: str | None = Field(None, description="base64 PNG: the grey input image as the model read it")
 
 
 class Health(BaseModel):
@@ -153,23 +124,14 @@ def safe_name(name: str | None) -> str:
     return base[-100:] or "upload"
 
 
-def b64png(rgb: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(rgb)).decode("ascii")
-
-
 def predict_upload(
     engine: Engine, data: bytes, name: str, kind: str, lang: str, heatmap: bool, image: bool
-) -> dict[str, Any]:
-    """Blocking work for one upload (run in a worker thread): the prediction row with encoded images."""
+) -> Prediction:
+    """Blocking work for one upload (run in a worker thread): the prediction, named as uploaded."""
     dicom_name = Path(name).suffix.lower() in DICOM_SUFFIXES
     decode_name = name if (kind == "dicom") == dicom_name else f"{name}.{kind}"  # decode by content, not name
-    row = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap, image=image)
-    row["path"] = name
-    if row.get("heatmap") is not None:
-        row["heatmap"] = b64png(row["heatmap"])
-    if row.get("image") is not None:
-        row["image"] = b64png(row["image"])
-    return {**row, "model": engine.info}
+    pred = predict_bytes(engine, data, name=decode_name, lang=lang, heatmap=heatmap, image=image)
+    return pred.model_copy(update={"path": name})
 
 
 def validation_sentence(exc: RequestValidationError) -> str:
@@ -206,21 +168,8 @@ def install_error_handlers(app: FastAPI) -> None:
     # anything unexpected is logged once and answered with a JSON 500 by service_guard.Guard
 
 
-def page_html() -> str:
-    """index.html with the not-a-diagnosis notice filled in from ``advice.NOTICE`` (one source of truth)."""
-    text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-    for lang, notice in NOTICE.items():
-        text = text.replace(f"{{{{notice_{lang}}}}}", html.escape(notice))
-    return text
-
-
 def add_routes(app: FastAPI, engine: Engine, max_bytes: int, gate: WorkGate) -> None:
-    """The page and the /api/v1 routes."""
-    page = page_html()
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers=PAGE_HEADERS)
+    """The /api/v1 routes."""
 
     @app.get("/api/v1/health", response_model=Health, tags=["service"])
     async def health() -> dict[str, Any]:
@@ -232,20 +181,14 @@ def add_routes(app: FastAPI, engine: Engine, max_bytes: int, gate: WorkGate) -> 
         """The bundle's model.json: classes, preprocessing, calibration, thresholds and metrics."""
         return engine.meta
 
-    @app.post(
-        "/api/v1/predict",
-        response_model=Prediction,
-        response_model_exclude_none=True,
-        responses=ERRORS,
-        tags=["predict"],
-    )
+    @app.post("/api/v1/predict", response_model=Prediction, responses=ERRORS, tags=["predict"])
     async def predict(
         request: Request,
         file: Annotated[UploadFile, File(description="a chest X-ray: PNG, JPEG or DICOM (BMP, TIFF, WebP)")],
-        lang: Annotated[Literal["en", "ko"], Query(description="language of the advice")] = "en",
+        lang: Annotated[Literal["en", "ko"], Query(description="language of the advice and reasons")] = "en",
         heatmap: Annotated[bool, Query(description="add `heatmap`, a base64 PNG overlay")] = False,
         image: Annotated[bool, Query(description="add `image`, a base64 PNG of the grey input")] = False,
-    ) -> dict[str, Any]:
+    ) -> Prediction:
         """Classify one uploaded chest X-ray and say what to do next. Decision support, not a diagnosis."""
         name = safe_name(file.filename)
         kind = sniff(await file.read(132), name)
@@ -260,21 +203,21 @@ def add_routes(app: FastAPI, engine: Engine, max_bytes: int, gate: WorkGate) -> 
                 raise HTTPException(413, too_large(max_bytes))
             start = time.perf_counter()
             try:
-                row = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
+                pred = await run_in_threadpool(predict_upload, engine, data, name, kind, lang, heatmap, image)
             except ImageReadError as exc:
                 raise HTTPException(422, f"The image could not be read: {exc}") from None
-        if row["decision"] == "error":  # e.g. non-finite probabilities: no label, no advice
-            raise HTTPException(422, f"The image could not be scored: {row['error']}")
+        if pred.decision == "error":  # e.g. non-finite probabilities: no label, no advice
+            raise HTTPException(422, f"The image could not be scored: {pred.error}")
         log.info(
             "%s predicted %s (%d bytes): %s, %s in %.0f ms",
             request.state.request_id,
             kind,
             len(data),
-            row["label"],
-            row["decision"],
+            pred.label,
+            pred.decision,
             1000 * (time.perf_counter() - start),
         )
-        return row
+        return pred
 
 
 def add_worklist_route(app: FastAPI, store: Path | None) -> None:
@@ -299,7 +242,9 @@ def create_app(
     engine = Engine(bundle_dir)
     max_bytes = int(limits.max_upload_mb * 2**20)
     about = "Chest X-ray triage (COVID-19, Lung Opacity, Normal, Viral Pneumonia) with heatmaps and advice. "
-    app = FastAPI(title="cxr-triage", version=__version__, description=about + NOTICE["en"])
+    app = FastAPI(
+        title="cxr-triage", version=__version__, description=about + NOTICE["en"], docs_url=None, redoc_url=None
+    )
     app.state.engine, app.state.limits = engine, limits
     app.add_middleware(UploadLimit, max_upload=max_bytes)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(limits.allowed_hosts))  # DNS rebinding
@@ -307,6 +252,7 @@ def create_app(
     install_error_handlers(app)
     add_routes(app, engine, max_bytes, WorkGate(limits))
     add_worklist_route(app, store)
+    add_page_routes(app, PAGE_HEADERS)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     log.info("serving %s %s from %s", engine.info["name"], engine.info["version"], engine.dir)
     return app

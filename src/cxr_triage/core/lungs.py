@@ -160,19 +160,6 @@ def lung_attention(cam: np.ndarray, mask: np.ndarray) -> float:
     return float(cam[np.asarray(mask, bool)].sum() / total) if total > 0 else 0.0
 
 
-def lung_gate(stats: LungStats, min_area: float, max_area: float) -> tuple[str | None, str]:
-    """(decision override or None, reason): no lung field -> 'rejected'; one lung only or an implausible lung area
-    -> 'uncertain' (a caller keeps a stricter decision it already has)."""
-    if stats.area_fraction < min_area or not (stats.left_found or stats.right_found):
-        return "rejected", f"no lung fields found (lung area {stats.area_fraction:.1%}): not a frontal chest X-ray"
-    if not stats.both_found:
-        side = "right" if stats.right_found else "left"
-        return "uncertain", f"only the {side} lung field was found"
-    if stats.area_fraction > max_area:
-        return "uncertain", f"lung area {stats.area_fraction:.0%} of the image is implausibly large"
-    return None, ""
-
-
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     """The mask's boundary pixels (bool), ``width`` pixels wide: what overlays draw."""
     mask = np.asarray(mask, bool)

@@ -179,16 +179,12 @@ class _LogitRecorder:
 def predict_frame(engine: Engine, frame: pd.DataFrame, batch_size: int = 32) -> pd.DataFrame:
     """The rows plus pred, confidence, p_* (calibrated, unrounded), logit_*, decision, error, ood_score."""
     recorder = _LogitRecorder(engine)
-    rows = list(predict_paths(recorder, list(frame["abspath"]), batch_size=batch_size))  # type: ignore[arg-type]
+    preds = list(predict_paths(recorder, list(frame["abspath"]), batch_size=batch_size))  # type: ignore[arg-type]
     out = frame.copy()
-    out["pred"] = [r["label"] for r in rows]
-    out["decision"] = [r["decision"] for r in rows]
-    out["error"] = [r["error"] for r in rows]
-    out["ood_score"] = [r.get("ood_score", np.nan) for r in rows]
-    out["lung_attention"] = pd.to_numeric(
-        pd.Series([r.get("lung_attention", "") for r in rows], index=out.index), errors="coerce"
-    )
-    out["lung_note"] = [r.get("lung_note", "") for r in rows]
+    out["decision"] = [p.decision for p in preds]
+    out["error"] = [p.error or "" for p in preds]
+    out["ood_score"] = [np.nan if p.ood_score is None else p.ood_score for p in preds]
+    out["lung_attention"] = [np.nan if p.lung_attention is None else p.lung_attention for p in preds]
     ok = (out["decision"] != "error").to_numpy()
     logits = np.concatenate(recorder.logits) if recorder.logits else np.zeros((0, len(CLASS_IDS)), np.float32)
     if len(logits) != ok.sum():
@@ -199,6 +195,8 @@ def predict_frame(engine: Engine, frame: pd.DataFrame, batch_size: int = 32) -> 
         block[ok] = values
         out[cols] = block
     out["confidence"] = out[P_COLS].max(axis=1)
+    # the arg-max class of every readable image, rejected ones included (their predictions carry no label)
+    out["pred"] = np.where(ok, np.array(CLASS_IDS)[np.nan_to_num(out[P_COLS].to_numpy()).argmax(axis=1)], "")
     return out
 
 
@@ -256,7 +254,7 @@ def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict
             kept.append((name, source))
         except ImageReadError as exc:
             skipped.append(f"{name} ({exc})")
-    rows = [
+    preds = [
         r
         for i in range(0, len(greys), 32)
         for r in predict_arrays(engine, greys[i : i + 32], None, colours=colours[i : i + 32])
@@ -265,13 +263,13 @@ def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict
         {
             "name": name,
             "source": source,
-            "ood_score": float(r["ood_score"]),
-            "decision": r["decision"],
-            "rejected": r["decision"] == "rejected",
-            "label": r["label"],
-            "confidence": r["confidence"],
+            "ood_score": float(p.ood_score or 0.0),
+            "decision": p.decision,
+            "rejected": p.decision == "rejected",
+            "label": p.top(1)[0][0],  # the arg-max class, also for rejected images
+            "confidence": p.top(1)[0][1],
         }
-        for (name, source), r in zip(kept, rows, strict=True)
+        for (name, source), p in zip(kept, preds, strict=True)
     ]
     n_rej = sum(r["rejected"] for r in per_image)
     frac = n_rej / len(per_image) if per_image else 0.0
@@ -326,7 +324,6 @@ def _write(out_dir: Path, preds: pd.DataFrame, metrics: dict[str, Any]) -> None:
         "error",
         "ood_score",
         "lung_attention",
-        "lung_note",
         "origin",
         "copy_px",
         *LOGIT_COLS,

@@ -163,9 +163,9 @@ def heatmap_gallery(engine: Engine, rows: pd.DataFrame, caption: Callable[[Any],
     scored = predict_arrays(engine, [g for _, g in loaded], heatmaps=True)
     items = []
     for (row, _), r in zip(loaded, scored, strict=True):
-        if "heatmap" not in r:  # rejected: no heatmap is drawn
+        if r.heatmap is None:  # rejected: no heatmap is drawn
             continue
-        im = Image.fromarray(r["heatmap"])
+        im = Image.fromarray(r.heatmap)
         im.thumbnail((GALLERY_PX, GALLERY_PX))
         items.append({"src": png_uri(png_bytes(np.asarray(im))), "name": Path(row.path).name, "caption": caption(row)})
     return items

@@ -22,6 +22,7 @@ from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.runtime.bundle import BUNDLE_FORMAT as BUNDLE_FORMAT
 from cxr_triage.runtime.bundle import BundleError, check_extras, read_bundle_meta
 from cxr_triage.runtime.bundle import sha256_file as sha256_file
+from cxr_triage.runtime.reasons import decision_of, findings
 
 DECISIONS = ("accept", "uncertain", "rejected", "error")
 
@@ -75,17 +76,11 @@ def decide(confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0
     a score is not finite.
 
     Three gates, each fitted or fixed at export: unfamiliar network features (Mahalanobis), an unfamiliar
-    image layout (pixel-PCA residual), and colour (radiographs are grey).
+    image layout (pixel-PCA residual), and colour (radiographs are grey). The rule is ``reasons.findings``.
     """
     if not all(math.isfinite(v) for v in (confidence, ood, pixel, colour)):
         return "error"  # NaN compares False with every threshold: it must never fall through to 'accept'
-    gate = meta.get("ood", {})
-    for value, key in ((ood, "threshold"), (pixel, "pixel_threshold"), (colour, "colour_threshold")):
-        if gate.get(key) is not None and value > float(gate[key]):
-            return "rejected"
-    if confidence < float(meta.get("abstain", {}).get("threshold", 0.0)):
-        return "uncertain"
-    return "accept"
+    return decision_of(findings(confidence, ood, meta, pixel, colour))
 
 
 def class_activation_map(features: np.ndarray, class_idx: int, extras: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,48 +1,52 @@
-// cxr-triage page: upload an X-ray, show the server's image + heatmap, probabilities, decision and advice.
+// cxr-triage page: upload an X-ray (or click a bundled example), show the server's Prediction:
+// uncertain and rejected answers first as such, with the reasons in words; bars only for answers with a label.
 "use strict";
 
 const CLASSES = ["covid", "lung_opacity", "normal", "viral_pneumonia"];
+// Page-only strings. Class names, decision names and "or" come from the server (#strings, runtime/i18n.py),
+// advice and reasons with every prediction, so the page says what the CLI and the API say.
 const TEXT = {
   en: {
     tagline: "Chest X-ray triage: COVID-19, lung opacity, viral pneumonia or normal",
     dropTitle: "Choose or drop a chest X-ray",
-    dropHint: "PNG, JPEG or DICOM · frontal view",
+    dropHint: "PNG, JPEG, BMP, TIFF, WebP or DICOM · frontal view",
+    samplesTitle: "Or try an example",
     showHeatmap: "Show heatmap",
     finding: "Most likely",
     verdict: "Result",
+    why: "Why",
     probabilities: "Probabilities",
     nextSteps: "What to do next",
     analysing: "Analysing…",
-    noResult: "No result",
     confidence: "confidence",
+    apiDocs: "API documentation",
     failed: "The request failed; check that the service is running.",
-    names: { covid: "COVID-19", lung_opacity: "Lung Opacity", normal: "Normal", viral_pneumonia: "Viral Pneumonia" },
-    decisions: { accept: "Confident", uncertain: "Uncertain: needs a radiologist", rejected: "Not a chest X-ray",
-                 error: "Unreadable" },
   },
   ko: {
     tagline: "흉부 X선 분류: 코로나19, 폐 음영, 바이러스성 폐렴, 정상",
     dropTitle: "흉부 X선 영상을 선택하거나 끌어다 놓으세요",
-    dropHint: "PNG, JPEG 또는 DICOM · 정면 영상",
+    dropHint: "PNG, JPEG, BMP, TIFF, WebP 또는 DICOM · 정면 영상",
+    samplesTitle: "또는 예시 영상을 눌러 보세요",
     showHeatmap: "히트맵 보기",
     finding: "가장 가능성 높은 결과",
     verdict: "결과",
+    why: "사유",
     probabilities: "확률",
     nextSteps: "다음 단계",
     analysing: "분석 중…",
-    noResult: "결과 없음",
     confidence: "신뢰도",
+    apiDocs: "API 문서",
     failed: "요청에 실패했습니다. 서비스가 실행 중인지 확인하세요.",
-    names: { covid: "코로나19", lung_opacity: "폐 음영", normal: "정상", viral_pneumonia: "바이러스성 폐렴" },
-    decisions: { accept: "확실", uncertain: "불확실: 전문의 판독 필요", rejected: "흉부 X선 아님", error: "읽을 수 없음" },
   },
 };
+const SHARED = JSON.parse(document.getElementById("strings").textContent);
 
-const state = { lang: "en", file: null, result: null };
+const state = { lang: "en", file: null, result: null, samples: [] };
 const $ = (id) => document.getElementById(id);
+const pct = (p) => `${(100 * p).toFixed(1)}%`;
 
 function t(key) {
-  return TEXT[state.lang][key];
+  return key in TEXT[state.lang] ? TEXT[state.lang][key] : SHARED[state.lang][key];
 }
 
 function setStatus(text, busy = false) {
@@ -83,6 +87,10 @@ async function analyse(file) {
   }
 }
 
+function ranked(r) {
+  return CLASSES.map((c) => [c, r[`p_${c}`]]).sort((a, b) => b[1] - a[1]);
+}
+
 function renderBars(r) {
   const list = $("prob-bars");
   list.replaceChildren();
@@ -90,20 +98,46 @@ function renderBars(r) {
     const p = r[`p_${c}`];
     const li = document.createElement("li");
     li.dataset.testid = `prob-${c}`;
-    li.classList.toggle("top", c === r.label && r.decision !== "rejected");
+    li.classList.toggle("top", c === r.label);
     const name = document.createElement("span");
     name.textContent = t("names")[c];
     const bar = document.createElement("span");
     bar.className = "bar";
     const fill = document.createElement("span");
-    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    fill.style.width = pct(p);
     bar.append(fill);
-    const pct = document.createElement("span");
-    pct.className = "pct";
-    pct.textContent = `${(100 * p).toFixed(1)}%`;
-    li.append(name, bar, pct);
+    const value = document.createElement("span");
+    value.className = "pct";
+    value.textContent = pct(p);
+    li.append(name, bar, value);
     list.append(li);
   }
+}
+
+function renderCandidates(r) {
+  const box = $("candidates");
+  box.hidden = r.decision !== "uncertain";
+  if (box.hidden) return;
+  const boxes = box.querySelectorAll(".candidate");
+  ranked(r).slice(0, 2).forEach(([c, p], i) => {
+    boxes[i].dataset.label = c;
+    boxes[i].querySelector(".cand-name").textContent = t("names")[c];
+    boxes[i].querySelector(".cand-pct").textContent = pct(p);
+  });
+  box.querySelector(".cand-or").textContent = t("or");
+}
+
+function renderReasons(r) {
+  const list = $("reasons");
+  list.replaceChildren(
+    ...r.reasons.map((reason) => {
+      const li = document.createElement("li");
+      li.dataset.code = reason.code;
+      li.textContent = reason.text;
+      return li;
+    }),
+  );
+  $("reasons-box").hidden = r.reasons.length === 0;
 }
 
 function render() {
@@ -111,16 +145,22 @@ function render() {
   if (!r) return;
   const card = $("result");
   card.className = `card result decision-${r.decision}`;
-  const rejected = r.decision === "rejected";
-  $("result-label").textContent = rejected ? t("noResult") : t("names")[r.label];
-  $("result-label").dataset.label = rejected ? "" : r.label;
+  const accepted = r.decision === "accept";
+  $("result-kicker").dataset.i18n = accepted ? "finding" : "verdict";
+  $("result-kicker").textContent = t($("result-kicker").dataset.i18n);
+  // only an accepted answer is headlined by its class; the others say first what they are
+  $("result-label").textContent = accepted ? t("names")[r.label] : t("decisions")[r.decision];
+  $("result-label").dataset.label = r.label || "";
   $("result-decision").textContent = t("decisions")[r.decision];
   $("result-decision").dataset.decision = r.decision;
-  $("result-kicker").dataset.i18n = rejected ? "verdict" : "finding";
-  $("result-kicker").textContent = t($("result-kicker").dataset.i18n);
-  $("result-confidence").textContent = `${t("confidence")} ${(100 * r.confidence).toFixed(1)}%`;
-  $("result-confidence").hidden = rejected;
-  renderBars(r);
+  $("result-decision").hidden = !accepted;
+  $("result-confidence").textContent = accepted ? `${t("confidence")} ${pct(r.confidence)}` : "";
+  $("result-confidence").hidden = !accepted;
+  renderCandidates(r);
+  renderReasons(r);
+  const bars = r.label !== null && r.p_covid !== null;  // no bars for rejected or unreadable inputs
+  $("probabilities").hidden = !bars;
+  if (bars) renderBars(r);
   $("advice-text").textContent = r.advice;
   $("file-name").textContent = r.path;
   $("input-img").src = `data:image/png;base64,${r.image}`;
@@ -137,6 +177,43 @@ function applyHeatmapToggle() {
   document.querySelector(".stack").classList.toggle("heat-off", !$("heatmap-toggle").checked);
 }
 
+function renderSamples() {
+  const list = $("sample-list");
+  list.replaceChildren(
+    ...state.samples.map((s) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "sample";
+      button.dataset.testid = "sample";
+      button.dataset.name = s.name;
+      button.title = s.name;
+      const img = document.createElement("img");
+      img.src = s.url;
+      img.alt = s.name;
+      img.loading = "lazy";
+      const caption = document.createElement("span");
+      caption.textContent = t("names")[s.label];
+      button.append(img, caption);
+      button.addEventListener("click", () => analyseSample(s));
+      li.append(button);
+      return li;
+    }),
+  );
+  $("samples").hidden = state.samples.length === 0;
+}
+
+async function analyseSample(sample) {
+  try {
+    const response = await fetch(sample.url);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const blob = await response.blob();
+    await analyse(new File([blob], sample.name, { type: blob.type || "image/jpeg" }));
+  } catch (err) {
+    showError(err.message || t("failed"));
+  }
+}
+
 function applyLanguage() {
   document.documentElement.lang = state.lang;
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
@@ -146,6 +223,7 @@ function applyLanguage() {
   const notice = $("notice");
   notice.textContent = notice.dataset[`notice${state.lang === "ko" ? "Ko" : "En"}`];
   if (!$("status").classList.contains("busy")) setStatus("");
+  renderSamples();
 }
 
 async function switchLanguage(lang) {
@@ -154,11 +232,11 @@ async function switchLanguage(lang) {
   applyLanguage();
   if (!state.result || !state.file) return;
   render();
-  try {  // the advice comes from the server: ask again in the new language (no images needed)
+  try {  // advice and reasons come from the server: ask again in the new language (no images needed)
     const again = await callPredict(state.file, { heatmap: "false", image: "false" });
-    if (state.lang === lang) {
-      state.result.advice = again.advice;
-      $("advice-text").textContent = again.advice;
+    if (state.lang === lang && state.result) {
+      Object.assign(state.result, { advice: again.advice, reasons: again.reasons, lang: again.lang });
+      render();
     }
   } catch (err) {
     showError(err.message || t("failed"));
@@ -173,6 +251,16 @@ async function loadModelInfo() {
   } catch {
     $("model-info").textContent = "";
   }
+}
+
+async function loadSamples() {
+  try {
+    const response = await fetch("/api/v1/samples");
+    state.samples = response.ok ? await response.json() : [];
+  } catch {
+    state.samples = [];
+  }
+  renderSamples();
 }
 
 function setup() {
@@ -196,6 +284,7 @@ function setup() {
   }
   applyLanguage();
   loadModelInfo();
+  loadSamples();
 }
 
 document.addEventListener("DOMContentLoaded", setup);

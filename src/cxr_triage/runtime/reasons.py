@@ -1,0 +1,70 @@
+"""Why an answer is uncertain or rejected: the gates and the abstention cut-off as findings with their numbers.
+
+``findings`` is the decision rule itself (``engine.decide`` only names its outcome), so the reasons a
+prediction gives are always the ones that decided it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cxr_triage.core.lungs import LungStats
+
+# (finding code, key in model.json's "ood" block): unfamiliar network features (Mahalanobis distance),
+# an unfamiliar image layout (pixel-PCA residual), colour (radiographs are grey)
+GATES: tuple[tuple[str, str], ...] = (
+    ("unfamiliar_features", "threshold"),
+    ("unfamiliar_layout", "pixel_threshold"),
+    ("colour", "colour_threshold"),
+)
+LOW_CONFIDENCE = "low_confidence"
+UNCERTAIN_CODES = (LOW_CONFIDENCE, "one_lung", "lung_area")  # findings that make an answer uncertain, not rejected
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason an answer was not accepted: ``value`` crossed ``limit``."""
+
+    code: str
+    value: float
+    limit: float
+
+
+def findings(
+    confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0.0, colour: float = 0.0
+) -> list[Finding]:
+    """Every rejection gate the input fails; if none, the low-confidence finding when below the cut-off.
+
+    An empty list means the answer is accepted.
+    """
+    gate = meta.get("ood", {})
+    failed = [
+        Finding(code, float(value), float(gate[key]))
+        for value, (code, key) in zip((ood, pixel, colour), GATES, strict=True)
+        if gate.get(key) is not None and value > float(gate[key])
+    ]
+    if failed:
+        return failed
+    cut = float(meta.get("abstain", {}).get("threshold", 0.0))
+    return [Finding(LOW_CONFIDENCE, float(confidence), cut)] if confidence < cut else []
+
+
+def lung_findings(stats: LungStats, min_area: float, max_area: float) -> list[Finding]:
+    """The lung gate as findings: no lung field ('no_lungs': rejected), one lung only or an implausible lung area
+    ('one_lung', 'lung_area': uncertain)."""
+    if stats.area_fraction < min_area or not (stats.left_found or stats.right_found):
+        return [Finding("no_lungs", stats.area_fraction, min_area)]
+    if not stats.both_found:
+        return [Finding("one_lung", 1.0, 2.0)]
+    if stats.area_fraction > max_area:
+        return [Finding("lung_area", stats.area_fraction, max_area)]
+    return []
+
+
+def decision_of(found: list[Finding]) -> str:
+    """'rejected' if a rejection gate failed (network features, layout, colour, no lungs), 'uncertain' for low
+    confidence or a doubtful lung field, else 'accept'."""
+    if any(f.code not in UNCERTAIN_CODES for f in found):
+        return "rejected"
+    return "uncertain" if found else "accept"
