@@ -16,10 +16,10 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# full install: training, service and dev tools
+# full install: training, service, archive scoring (Ray Data) and dev tools
 $(VENV)/.full: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[train,serve,dev]'
+	$(BIN)/pip install -q -e '.[train,serve,scale,dev]'
 	touch $@ $(VENV)/.base
 
 venv-base: $(VENV)/.base
