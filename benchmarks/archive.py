@@ -2,12 +2,11 @@
 
 Usage: nice -n 15 python benchmarks/archive.py [--n 5000] [--data DATASET_DIR] [--json out.json]
 
-Takes ``--n`` images from the dataset folder (classes interleaved; read-only) and, in this order so that the
-machine's drift and any other load hit both engines alike:
-  1. the CLI's path (``predict_paths`` over the files, model load included),
-  2. local Ray with 2 workers, 3. with 1 worker (``score_archive`` into Parquet: reading, scoring, shards, merge),
-  4. 2 workers again, killing one scoring actor with SIGKILL after 40 % of the rows (rows must each appear once),
-  5. the CLI again.
+Takes ``--n`` images from the dataset folder (classes interleaved; read-only) and runs, alternating so that the
+machine's drift and any other load hit both engines alike (``STEPS``): the CLI's path (``predict_paths`` over the
+files, model load included), local Ray with 2 workers, with 1 worker (``score_archive`` into Parquet: reading,
+scoring, shards, merge), the CLI and 2 workers again, then 2 workers killing one scoring actor with SIGKILL after
+40 % of the rows (every row must still appear exactly once).
 Ray's own start (``ray.init``, local) and a first 64-image job (Ray starting its worker processes) are timed apart:
 a running cluster pays them once, not per job. Each job reports its whole wall time (actors starting and loading
 the model, reading, scoring, shards, merge), the time to its first row and its rate from first to last row. Every
@@ -112,6 +111,9 @@ def compare(rows: list[dict], cli: dict[str, dict]) -> dict:
     return {"mismatched_rows": bad, "max_prob_diff": diff, "missing": len(set(cli) - {r["path"] for r in rows})}
 
 
+STEPS = ("cli", "ray2", "ray1", "cli", "ray2", "ray2_kill")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5000)
@@ -119,9 +121,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     paths = pick(args.data, args.n)
-    res: dict = {"n": args.n, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    cli_a, cli_rows = run_cli(paths)
-    print(f"CLI            {args.n / cli_a:7.1f} img/s  ({cli_a:.1f} s)", flush=True)
+    res: dict = {"n": args.n, "cpus": os.cpu_count(), "steps": []}
+    cli_rows: dict[str, dict] = {}
     with TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         with ray_session(None, os.cpu_count() or 2):
@@ -130,28 +131,42 @@ def main() -> None:
             warm = run_ray(paths[:64], Path(tmp) / "warm.parquet", 2)
             res["first_job_64_s"] = warm["seconds"]
             print(f"first job (64 images, Ray starts its workers) {warm['seconds']:.1f} s", flush=True)
-            runs = {}
-            for name, workers, kill in (("ray2", 2, None), ("ray1", 1, None), ("ray2_kill", 2, int(0.4 * args.n))):
-                r = run_ray(paths, Path(tmp) / f"{name}.parquet", workers, kill)
-                r["vs_cli"] = compare(r.pop("table"), cli_rows)
-                runs[name] = r
-                print(
-                    f"{name:<14} {r['img_per_s']:7.1f} img/s  ({r['seconds']:.1f} s; first row after"
-                    f" {r['first_row_s']:.1f} s, then {r['steady_img_per_s']:.1f} img/s)  {r['vs_cli']}",
-                    flush=True,
-                )
-    cli_b, _ = run_cli(paths)
-    print(f"CLI again      {args.n / cli_b:7.1f} img/s  ({cli_b:.1f} s)", flush=True)
-    cli_rate = args.n / ((cli_a + cli_b) / 2)
-    res |= {"cli_s": [cli_a, cli_b], "cli_img_per_s": cli_rate, "runs": runs, "loadavg_end": os.getloadavg()}
-    res["ray2_vs_cli"] = runs["ray2"]["img_per_s"] / cli_rate
-    res["ray2_vs_ray1"] = runs["ray2"]["img_per_s"] / runs["ray1"]["img_per_s"]
-    res["ray2_vs_ray1_steady"] = runs["ray2"]["steady_img_per_s"] / runs["ray1"]["steady_img_per_s"]
-    print(f"Ray 2 workers / CLI: {res['ray2_vs_cli']:.1%}   2 workers / 1 worker: {res['ray2_vs_ray1']:.2f}x", end="")
-    print(f" (first to last row: {res['ray2_vs_ray1_steady']:.2f}x)")
-    print(f"kill run: {runs['ray2_kill']['rows']} rows, {runs['ray2_kill']['unique_paths']} unique paths")
+            for name in STEPS:
+                load = os.getloadavg()[0]
+                if name == "cli":
+                    seconds, cli_rows = run_cli(paths)
+                    r = {"seconds": seconds, "img_per_s": args.n / seconds}
+                    print(f"CLI            {r['img_per_s']:7.1f} img/s  ({seconds:.1f} s)", flush=True)
+                else:
+                    kill = int(0.4 * args.n) if name.endswith("kill") else None
+                    r = run_ray(paths, Path(tmp) / f"{name}.parquet", 1 if name == "ray1" else 2, kill)
+                    r["vs_cli"] = compare(r.pop("table"), cli_rows)
+                    print(
+                        f"{name:<14} {r['img_per_s']:7.1f} img/s  ({r['seconds']:.1f} s; first row after"
+                        f" {r['first_row_s']:.1f} s, then {r['steady_img_per_s']:.1f} img/s)  {r['vs_cli']}",
+                        flush=True,
+                    )
+                res["steps"].append({"name": name, "loadavg_1min_before": load} | r)
+    summarise(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def summarise(res: dict) -> None:
+    """Rates over all legs of each kind (total images / total seconds) and their ratios."""
+    legs: dict[str, list[dict]] = {}
+    for step in res["steps"]:
+        legs.setdefault(step["name"], []).append(step)
+    rate = {k: res["n"] * len(v) / sum(s["seconds"] for s in v) for k, v in legs.items()}
+    steady = {k: sum(s["steady_img_per_s"] for s in v) / len(v) for k, v in legs.items() if k != "cli"}
+    res |= {"rate": rate, "steady": steady}
+    res["ray2_vs_cli"] = rate["ray2"] / rate["cli"]
+    res["ray2_vs_ray1"] = rate["ray2"] / rate["ray1"]
+    res["ray2_vs_ray1_steady"] = steady["ray2"] / steady["ray1"]
+    kill = legs["ray2_kill"][0]
+    print(f"Ray 2 workers / CLI: {res['ray2_vs_cli']:.1%}   2 workers / 1 worker: {res['ray2_vs_ray1']:.2f}x", end="")
+    print(f" (first to last row: {res['ray2_vs_ray1_steady']:.2f}x)")
+    print(f"kill run: {kill['rows']} rows, {kill['unique_paths']} unique paths, killed pid {kill['killed_pid']}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Ray is imported here only; the plain CLI never imports this module unless ``--en
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
 PATH_COLUMNS = ("abspath", "path", "file", "filename")
 Progress = Callable[[Iterable[Any], int], Iterable[Any]]
+# a local Ray: workers at the command's own niceness (Ray adds 15 by default), so `nice` on the command is the job's;
+# no idle workers started ahead (the scoring actors start their own; on a busy machine they delay Ray's start)
+LOCAL_CONFIG = {"worker_niceness": 0, "enable_worker_prestart": False}
 
 
 class ArchiveError(ValueError):
@@ -72,7 +76,7 @@ def read_path_list(manifest: Path) -> list[str]:
     root = manifest.parent
     meta = manifest.with_name("manifest.json")
     if meta.exists():
-        root = Path(pd.read_json(meta, typ="series").get("dataset_root", root))
+        root = Path(json.loads(meta.read_text()).get("dataset_root", root))
     paths = [str(p) for p in df[column] if str(p)]
     return [p if Path(p).is_absolute() else str(root / p) for p in paths]
 
@@ -160,24 +164,35 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
     if ray.is_initialized():  # a Python caller already chose the cluster
         yield
         return
+    _init(ray, address, num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _init(ray: Any, address: str | None, num_cpus: int) -> None:
+    """``ray.init``, quiet unless debug logging is on; a local start is tried twice (it times out on a busy machine)."""
     verbose = log.isEnabledFor(logging.DEBUG)
     quiet = {
         "include_dashboard": False,
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.ERROR,
     }
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(address="local", num_cpus=num_cpus, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise ArchiveError(f"cannot start or join {where} ({exc}); on the head machine run `ray start --head`") from exc
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    for attempt in (1, 2):
+        try:
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                ray.init(address="local", num_cpus=num_cpus, _system_config=LOCAL_CONFIG, **quiet)
+            return
+        except Exception as exc:  # noqa: BLE001 - ray.init raises many kinds (a start timeout is a bare Exception)
+            if address or attempt == 2:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                hint = "is `ray start --head` running there?" if address else "is the machine overloaded?"
+                raise ArchiveError(f"cannot start or join {where} ({exc}); {hint}") from exc
+            log.warning("starting a local Ray failed (%s); trying once more", exc)
+            ray.shutdown()
 
 
 def _stream(paths: list[str], bundle: str | None, workers: int, lang: str, batch_size: int) -> Iterator[pa.Table]:
