@@ -147,6 +147,8 @@ def main() -> None:
                         flush=True,
                     )
                 res["steps"].append({"name": name, "loadavg_1min_before": load} | r)
+                if args.json:  # after every step: a long run that dies keeps what it measured
+                    args.json.write_text(json.dumps(res, indent=2) + "\n")
     summarise(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
