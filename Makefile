@@ -20,10 +20,10 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# full install: training, service, DICOM node and dev tools
+# full install: training, service, DICOM node, archive scoring (Ray Data) and dev tools
 $(VENV)/.full: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[train,serve,dicom,dev]'
+	$(BIN)/pip install -q -e '.[train,serve,dicom,scale,dev]'
 	touch $@ $(VENV)/.base
 
 venv-base: $(VENV)/.base

@@ -270,13 +270,20 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive) or globs; with --engine ray also manifests.")
+    ],
     model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Write csv/json here instead of stdout.")] = None,
     heatmaps: Annotated[Path | None, typer.Option("--heatmaps", help="Folder for heatmap overlay PNGs.")] = None,
     lang: Annotated[str, typer.Option("--lang", help="Language of every human string: en or ko.")] = "en",
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 32,
+    engine_name: Annotated[
+        str, typer.Option("--engine", help="local (this process) or ray (an archive on Ray Data: needs .[scale]).")
+    ] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (default: local).")] = None,
+    workers: Annotated[int, typer.Option(help="--engine ray: scoring actors (each loads the model once).")] = 2,
 ) -> None:
     """Classify chest X-rays with triage advice; exit 3 if any input could not be read."""
     from cxr_triage.runtime.engine import BundleError, Engine
@@ -289,6 +296,13 @@ def predict(
         _fail(f"unknown --format {fmt!r}; use table, csv or json")
     if lang not in LANGS:
         _fail(f"unknown --lang {lang!r}; use en or ko")
+    if engine_name == "ray":
+        if heatmaps is not None:
+            _fail("--heatmaps works with --engine local only")
+        _predict_archive(paths, out, model, fmt, lang, batch_size, address, workers)
+        return
+    if engine_name != "local":
+        _fail(f"unknown --engine {engine_name!r}; use local or ray")
     found = scan_inputs(paths)
     files = found.paths
     if found.summary():
@@ -365,6 +379,35 @@ def segment(
         w.writerows(rows)
     console.print(f"wrote {len(rows)} masks/rows to {out}")
     if any(r["error"] for r in rows):
+        raise typer.Exit(3)
+
+
+def _predict_archive(
+    paths: list[str],
+    out: Path | None,
+    model: Path | None,
+    fmt: str,
+    lang: str,
+    batch_size: int,
+    address: str | None,
+    workers: int,
+) -> None:
+    """``predict --engine ray``: score_archive into a Parquet (or CSV) file; resumable."""
+    try:
+        from cxr_triage.runtime.archive import ArchiveError, score_archive
+    except ImportError as exc:
+        _fail(f"--engine ray needs Ray Data ({exc}); install it with: pip install 'cxr-triage[scale]'")
+    if out is None or fmt == "json":
+        _fail("--engine ray writes a file: give --out results.parquet (or --out results.csv / --format csv)")
+    opts = {"address": address, "workers": workers, "model": model, "lang": lang, "batch_size": batch_size}
+    try:
+        s = score_archive(paths, out, fmt="csv" if fmt == "csv" else None, progress=_progress("scoring"), **opts)
+    except (ArchiveError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"wrote {s.total} rows to {s.out} ({s.scored} scored now, {s.skipped} already there, {s.errors} errors)"
+    )
+    if s.errors:
         raise typer.Exit(3)
 
 

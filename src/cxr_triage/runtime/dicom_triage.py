@@ -27,10 +27,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cxr_triage.core.preprocess import ImageReadError, square
+from cxr_triage.core.preprocess import ImageReadError
 from cxr_triage.runtime.dicom_report import MANUFACTURER, ReportError, build_sc, build_sr, content_from_row
 from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import error_row, predict_arrays, predict_bytes
+from cxr_triage.runtime.predict import predict_arrays, predict_bytes
+from cxr_triage.runtime.prediction import ModelInfo, Prediction
 from cxr_triage.runtime.worklist import Worklist
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,11 @@ def instance_number(ds: Dataset) -> int:
         return 1
 
 
+def as_row(pred: Prediction) -> dict[str, Any]:
+    """A prediction as the row the SR, the picture and the worklist read: the CSV fields plus the images."""
+    return {**pred.csv_row(), "heatmap": pred.heatmap, "image": pred.image}
+
+
 class Triage:
     """Triage received instances with one engine; results go to ``sender``, entries to ``worklist``."""
 
@@ -152,18 +158,22 @@ class Triage:
         header.SOPClassUID = SecondaryCaptureImageStorage
         header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID = (generate_uid() for _ in range(3))
         grey = np.full((64, 64), 128, np.uint8)
-        row = predict_arrays(self.engine, [grey], [square(grey, self.engine.spec)], self.lang, heatmaps=False)[0]
+        row = as_row(predict_arrays(self.engine, [grey], None, self.lang, heatmaps=False)[0])
         self.results(header, {**row, "image": grey})
 
     def predict(self, data: bytes) -> dict[str, Any]:
         """The predict row for a Part-10 file; an ``error`` row (never an exception) when it cannot be read."""
         try:
-            return predict_bytes(self.engine, data, name="instance.dcm", lang=self.lang, heatmap=True, image=True)
+            pred = predict_bytes(self.engine, data, name="instance.dcm", lang=self.lang, heatmap=True, image=True)
         except ImageReadError as exc:
-            return error_row("instance.dcm", str(exc))
+            pred = self.unreadable(str(exc))
         except Exception as exc:  # a decoder bug must still end in an error SR, not a dead node
             log.warning("prediction failed (%s)", type(exc).__name__)  # no traceback: it may quote header values
-            return error_row("instance.dcm", f"the image could not be processed ({type(exc).__name__})")
+            pred = self.unreadable(f"the image could not be processed ({type(exc).__name__})")
+        return as_row(pred)
+
+    def unreadable(self, reason: str) -> Prediction:
+        return Prediction.unreadable("instance.dcm", reason, ModelInfo(**self.engine.info), self.lang)
 
     def results(self, header: Dataset, row: dict[str, Any]) -> list[Dataset]:
         """The SR, and the heatmap (or, when rejected, the plain image) as a Secondary Capture."""

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+from cxr_triage.core.safe_text import csv_cell as safe_cell
 from cxr_triage.runtime import i18n
 from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.runtime.prediction import CSV_COLUMNS, Prediction
@@ -20,17 +21,24 @@ FORMATS = ("table", "csv", "json")
 TABLE_COLUMNS = ("image", "result", "confidence", "decision", "why", "advice")
 
 
-def csv_cell(value: Any) -> str:
-    """One CSV cell: empty for None, the value as text otherwise."""
-    return "" if value is None else str(value)
+def csv_cell(value: Any) -> Any:
+    """One CSV cell: empty for None; text that starts like a formula gets a leading ' (OWASP, ``safe_text``)."""
+    return "" if value is None else safe_cell(value)
+
+
+def write_csv_rows(rows: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """CSV of rows keyed by ``CSV_COLUMNS`` (``Prediction.csv_row``): a header, then one line per row."""
+    cells = [[csv_cell(r.get(c)) for c in CSV_COLUMNS] for r in rows]
+    # csv quotes a field holding a character of the line terminator; a bare CR elsewhere would split the row
+    cr = any(isinstance(v, str) and "\r" in v for row in cells for v in row)
+    writer = csv.writer(out, lineterminator="\r\n" if cr else "\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(cells)
 
 
 def write_csv(preds: Iterable[Prediction], out: TextIO) -> None:
     """The prediction CSV: a header of ``CSV_COLUMNS``, then one row per prediction."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for p in preds:
-        writer.writerow([csv_cell(v) for v in p.csv_row().values()])
+    write_csv_rows((p.csv_row() for p in preds), out)
 
 
 def write_json(preds: Iterable[Prediction], out: TextIO) -> None:
