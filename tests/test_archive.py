@@ -27,7 +27,9 @@ from typer.testing import CliRunner
 from cxr_triage.cli import app
 from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import CSV_COLUMNS, collect_inputs, predict_paths, write_rows
+from cxr_triage.runtime.formats import write_csv_rows
+from cxr_triage.runtime.predict import collect_inputs, predict_paths
+from cxr_triage.runtime.prediction import CSV_COLUMNS
 from cxr_triage.runtime.shards import ResultStore, read_results, rows_to_table
 
 from .conftest import class_image
@@ -85,11 +87,18 @@ def _assert_same(rows: list[dict], expected: dict[str, dict]) -> None:
     assert sorted(r["path"] for r in rows) == sorted(expected)
     for r in rows:
         e = expected[r["path"]]
-        assert (r["label"], r["decision"], r["error"]) == (e["label"], e["decision"], e["error"]), r["path"]
+        assert (r["label"] or "", r["decision"], r["error"] or "") == (
+            e["label"] or "",
+            e["decision"],
+            e["error"] or "",
+        ), r["path"]
         if e["decision"] != "error":
             for c in CLASS_IDS:
                 assert abs(r[f"p_{c}"] - e[f"p_{c}"]) <= 1e-6
-            assert abs(r["confidence"] - e["confidence"]) <= 1e-6
+            if e["confidence"] is None:  # rejected: no label, no confidence
+                assert r["confidence"] is None
+            else:
+                assert abs(r["confidence"] - e["confidence"]) <= 1e-6
 
 
 # --- without Ray: the result store and the inputs ---
@@ -114,7 +123,7 @@ def test_store_resumes_from_shards_and_merges_in_order(tmp_path: Path):
     assert dups == 1 and not store.parts.exists()
     assert table.column("path").to_pylist() == [r["path"] for r in rows]
     buf = io.StringIO()
-    write_rows(rows, "csv", buf)
+    write_csv_rows(rows, buf)
     assert out.read_text() == buf.getvalue()  # byte for byte the CLI's CSV
     assert read_results(out).equals(table)
     assert ResultStore(out).done_paths() == {r["path"] for r in rows}

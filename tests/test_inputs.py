@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from cxr_triage.cli import app
 from cxr_triage.core.safe_text import FORMULA_START, csv_cell
+from cxr_triage.runtime.formats import write_csv_rows
 from cxr_triage.runtime.inputs import scan_inputs
-from cxr_triage.runtime.predict import write_rows
 
 from .conftest import REPO
 from .hostile_corpus import SHARED_HOSTILE, dicom, encode, write_corpus, xray
@@ -79,7 +79,7 @@ def test_csv_cells_never_start_a_formula():
         for name in (*FORMULA_NAMES, "\rcr.png", "plain.png")
     ]
     buf = io.StringIO()
-    write_rows(rows, "csv", buf)
+    write_csv_rows(rows, buf)
     cells = [v for r in csv.DictReader(io.StringIO(buf.getvalue())) for v in r.values()]
     assert not [c for c in cells if c.startswith(FORMULA_START)]
     assert "'=1+2.png" in cells and "plain.png" in cells

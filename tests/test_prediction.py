@@ -165,7 +165,7 @@ def test_python_cli_and_http_give_the_same_prediction(smoke_bundle: Path, inputs
     assert json.loads(cli(smoke_bundle, inputs, "--format", "json")) == expected
     rows = list(csv.DictReader(io.StringIO(cli(smoke_bundle, inputs, "--format", "csv"))))
     assert rows == [{k: csv_cell(v) for k, v in p.csv_row().items()} for p in preds]
-    with TestClient(create_app(smoke_bundle)) as client:
+    with TestClient(create_app(smoke_bundle), base_url="http://127.0.0.1") as client:  # a trusted Host
         for path, want in zip(inputs, expected, strict=True):
             r = client.post("/api/v1/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
             if want["decision"] == "error":
@@ -191,7 +191,7 @@ def test_korean_renders_every_human_string(smoke_bundle: Path, inputs: list[Path
 
 def test_rejected_upload_has_no_label(smoke_bundle: Path, inputs: list[Path], class_image: Callable):
     colour = next(p for p in inputs if p.name == "colour.png")
-    with TestClient(create_app(smoke_bundle)) as client:
+    with TestClient(create_app(smoke_bundle), base_url="http://127.0.0.1") as client:  # a trusted Host
         r = client.post("/api/v1/predict", params={"heatmap": "true"}, files={"file": ("c.png", colour.read_bytes())})
     body = r.json()
     assert r.status_code == 200 and body["decision"] == "rejected"

@@ -88,7 +88,7 @@ def test_worklist_route(tmp_path):
     wl = Worklist(tmp_path)
     wl.record("1.1", "9.9", row("normal"), accession_number="A-normal")
     wl.record("1.2", "9.9", row("covid"), accession_number="A-covid", results_sent=True)
-    with TestClient(create_app(store=tmp_path)) as client:
+    with TestClient(create_app(store=tmp_path), base_url="http://127.0.0.1") as client:  # a trusted Host
         r = client.get("/api/v1/worklist")
         assert r.status_code == 200
         body = r.json()
@@ -100,5 +100,5 @@ def test_worklist_route(tmp_path):
         page = client.get("/").text
         assert 'id="worklist"' in page and "/static/worklist.js" in page
         assert client.get("/static/worklist.js").status_code == 200
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(), base_url="http://127.0.0.1") as client:
         assert client.get("/api/v1/worklist").json() == []

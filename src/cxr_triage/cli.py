@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from cxr_triage import __version__
 from cxr_triage.core.extras import as_missing_extra
@@ -423,7 +424,7 @@ def _print_table(preds: list, lang: str) -> None:
     for header, width in zip(table_headers(lang), (20, 16, 10, 10, 24, None), strict=True):
         table.add_column(header, overflow="fold", min_width=width)
     for p in preds:
-        table.add_row(*table_cells(p, lang))
+        table.add_row(*(Text(cell) for cell in table_cells(p, lang)))  # names shown literally, never as markup
     out.print(table)
     out.print(NOTICE[lang])
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 # extra -> the top-level modules it installs (an extra that includes another lists its modules too)
 _SERVE = frozenset({"fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "swagger_ui_bundle"})
-_EVAL = frozenset({"pandas", "matplotlib", "jinja2", "sklearn", "scipy", "imagehash", "openpyxl"})
-_TRAIN = frozenset({"torch", "torchvision", "timm", "lightning", "torchmetrics", "onnx", "onnxscript", "safetensors"})
+_EVAL = frozenset({"pandas", "matplotlib", "jinja2", "sklearn", "imagehash", "openpyxl"})  # scipy: base (lung masks)
+_TRAIN = frozenset(
+    {"torch", "torchvision", "timm", "lightning", "torchmetrics", "onnx", "onnxscript", "safetensors", "monai"}
+)
 EXTRAS: dict[str, frozenset[str]] = {
     "serve": _SERVE,
     "eval": _EVAL,

@@ -23,7 +23,7 @@ TABLE_COLUMNS = ("image", "result", "confidence", "decision", "why", "advice")
 
 def csv_cell(value: Any) -> Any:
     """One CSV cell: empty for None; text that starts like a formula gets a leading ' (OWASP, ``safe_text``)."""
-    return "" if value is None else safe_cell(value)
+    return "" if value is None else str(safe_cell(value))
 
 
 def write_csv_rows(rows: Iterable[dict[str, Any]], out: TextIO) -> None:

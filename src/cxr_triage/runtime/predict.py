@@ -27,6 +27,11 @@ __all__ = ["collect_inputs", "overlay", "png_bytes", "predict_arrays", "predict_
 NON_FINITE = "the model gave non-finite probabilities (NaN or infinity) for this image; check the model bundle"
 
 
+def error_row(path: str, reason: str, model: ModelInfo | None = None, lang: str = "en") -> Prediction:
+    """The prediction of an input that could not be read (decision 'error', no label, the reason)."""
+    return Prediction.unreadable(path, reason, model or ModelInfo(name="", version="", sha256=""), lang)
+
+
 def collect_inputs(items: Iterable[str]) -> list[str]:
     """Files as given, folders searched recursively, globs expanded; order kept, no repeats (see ``runtime.inputs``:
     every named path and every scanned entry that may be an image gets a row)."""

@@ -17,6 +17,7 @@ const TEXT = {
     why: "Why",
     probabilities: "Probabilities",
     nextSteps: "What to do next",
+    lungAttention: "{p} of the heatmap lies inside the lung fields (outlined in cyan)",
     analysing: "Analysing…",
     confidence: "confidence",
     apiDocs: "API documentation",
@@ -33,6 +34,7 @@ const TEXT = {
     why: "사유",
     probabilities: "확률",
     nextSteps: "다음 단계",
+    lungAttention: "히트맵의 {p}가 폐 영역(청록색 윤곽) 안에 있습니다",
     analysing: "분석 중…",
     confidence: "신뢰도",
     apiDocs: "API 문서",
@@ -162,6 +164,9 @@ function render() {
   $("probabilities").hidden = !bars;
   if (bars) renderBars(r);
   $("advice-text").textContent = r.advice;
+  const lungs = $("lung-attention");
+  lungs.hidden = r.lung_attention === null || r.lung_attention === undefined || !r.heatmap;
+  lungs.textContent = lungs.hidden ? "" : t("lungAttention").replace("{p}", pct(r.lung_attention));
   $("file-name").textContent = r.path;
   $("input-img").src = `data:image/png;base64,${r.image}`;
   const heat = $("heatmap-img");
