@@ -14,7 +14,7 @@ import torch
 from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.core.config import ConfigError, apply_overrides, load_config
 from cxr_triage.core.preprocess import PreprocessSpec, preprocess
-from cxr_triage.runtime.engine import BundleError, Engine, read_bundle_meta
+from cxr_triage.runtime.engine import BundleError, Engine, read_bundle_meta, sha256_file
 from cxr_triage.training.export import PARITY_TOL, export_module
 from cxr_triage.training.model import CheckpointError, create_model, load_checkpoint
 
@@ -150,12 +150,19 @@ def test_altered_bundle_is_refused(smoke_bundle: Path, tmp_path: Path):
     meta = json.loads((b / "model.json").read_text())
     meta["classes"] = ["a", "b", "c", "d"]
     (b / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"model\.json does not match its sha256 in SHA256SUMS"):
+        Engine(b)  # model.json is sealed too (issue 13)
+    reseal = "".join(f"{sha256_file(b / n)}  {n}\n" for n in ("extras.npz", "model.json", "model.onnx"))
+    (b / "SHA256SUMS").write_text(reseal)
     with pytest.raises(BundleError, match="classes"):
         Engine(b)
     del meta["preprocess"]
     meta["classes"] = list(CLASS_IDS)
     (b / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="preprocessing"):
+    (b / "SHA256SUMS").write_text(
+        "".join(f"{sha256_file(b / n)}  {n}\n" for n in ("extras.npz", "model.json", "model.onnx"))
+    )
+    with pytest.raises(BundleError, match="preprocess"):
         Engine(b)
 
 
