@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -68,13 +69,15 @@ def dicom(pixels: np.ndarray | None = None, syntax: str = ExplicitVRLittleEndian
     _image_tags(ds, *pixels.shape, bits=16 if pixels.dtype == np.uint16 else 8)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.PixelData = pixels.tobytes()
-    for key, value in tags.items():
-        try:
-            setattr(ds, key, value)
-        except (TypeError, ValueError, OverflowError):  # a value its VR refuses: store it as text, as broken files do
-            ds.add_new(tag_for_keyword(key), "LO", str(value))
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    with warnings.catch_warnings():  # pydicom warns about the invalid values these files are made of
+        warnings.simplefilter("ignore")
+        for key, value in tags.items():
+            try:
+                setattr(ds, key, value)
+            except (TypeError, ValueError, OverflowError):  # a value its VR refuses: stored as text, as in broken files
+                ds.add_new(tag_for_keyword(key), "LO", str(value))
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 

@@ -109,15 +109,15 @@ def _reduce_jpeg(im: Image.Image, label: str) -> None:
 
 def _check_budget(im: Image.Image, label: str) -> None:
     """Pixel and byte budgets from the header, before decoding; large JPEGs switch to a reduced-scale decode."""
-    frames = getattr(im, "n_frames", 1)
-    if frames > 1:
-        raise ImageReadError(f"{label}: image has {frames} frames; give a single still image", "unsupported")
     w, h = im.size
     if w * h > limits.MAX_PIXELS:
         if im.format != "JPEG":
             raise over_budget(label, w, h)
         _reduce_jpeg(im, label)
         w, h = im.size
+    frames = getattr(im, "n_frames", 1)  # after the size check: counting frames reads through the file
+    if frames > 1:
+        raise ImageReadError(f"{label}: image has {frames} frames; give a single still image", "unsupported")
     bits = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(im.mode, 8)
     if w * h * len(im.getbands()) * bits // 8 > limits.MAX_DECODED_BYTES:
         raise ImageReadError(f"{label}: decoded image would exceed {_mb(limits.MAX_DECODED_BYTES)}", "too_large")
