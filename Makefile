@@ -29,10 +29,15 @@ $(VENV)/.full: pyproject.toml | $(BIN)/python
 venv-base: $(VENV)/.base
 venv-full: $(VENV)/.full
 
-# the web page's light install: the [serve] extra only (no torch, no pandas/matplotlib), no pip upgrade
+# the web page's light install: the [serve] extra only (no torch, no pandas/matplotlib). For speed: the venv gets
+# no pip of its own when $(PYTHON) has one (pip --python installs into it), and nothing is byte-compiled up front.
 $(SERVE_VENV)/.serve: pyproject.toml
-	$(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/pip install -q -e '.[serve]'
+	if $(PYTHON) -m pip --version >/dev/null 2>&1; then \
+	  $(PYTHON) -m venv --without-pip $(SERVE_VENV) && \
+	  $(PYTHON) -m pip --python $(SERVE_VENV)/bin/python install -q --no-compile -e '.[serve]'; \
+	else \
+	  $(PYTHON) -m venv $(SERVE_VENV) && $(SERVE_VENV)/bin/pip install -q --no-compile -e '.[serve]'; \
+	fi
 	touch $@
 
 serve: $(SERVE_VENV)/.serve

@@ -231,7 +231,7 @@ def end_to_end(results: dict, engine, quick: bool, key: str = "end_to_end") -> N
         t0 = time.perf_counter()
         rows = list(predict_paths(engine, paths, batch_size=32, workers=2))
         e2e.append(time.perf_counter() - t0)
-        assert len(rows) == len(paths) and not any(r["decision"] == "error" for r in rows)
+        assert len(rows) == len(paths) and not any(r.decision == "error" for r in rows)
         t0 = time.perf_counter()
         for p in paths:
             _load(p, engine.spec)

@@ -287,20 +287,24 @@ def smoke_bundle_fp16(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory)
 # --- say loudly when the browser tests did not run ---
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
-    """A banner when browser tests were skipped (no Chromium or Playwright): a green run did not test the page."""
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A banner, as the very last lines of the run, when browser tests were skipped (no Chromium or Playwright):
+    a green run then did not test the page."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
     skipped = [
         r
-        for r in terminalreporter.stats.get("skipped", [])
+        for r in reporter.stats.get("skipped", [])
         if "test_browser" in getattr(r, "nodeid", "") or "browser" in getattr(r, "keywords", {})
     ]
     if not skipped:
         return
     reasons = sorted({str(r.longrepr[-1]) if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped})
-    terminalreporter.write_sep("!", f"BROWSER TESTS SKIPPED ({len(skipped)}): THE WEB PAGE WAS NOT TESTED", red=True)
+    reporter.write_sep("!", f"BROWSER TESTS SKIPPED ({len(skipped)}): THE WEB PAGE WAS NOT TESTED", red=True)
     for reason in reasons:
-        terminalreporter.write_line(f"  reason: {reason}", red=True)
-    terminalreporter.write_line(
+        reporter.write_line(f"  reason: {reason}", red=True)
+    reporter.write_line(
         "  install Debian's chromium and fonts-noto-cjk and the [dev] extra (playwright); with CI=true they fail",
         red=True,
     )

@@ -64,10 +64,14 @@ def chromium_path() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def server(smoke_bundle: Path) -> Iterator[str]:
-    """The app under uvicorn on 127.0.0.1, a free port, in a background thread; yields its base URL."""
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The app under uvicorn on 127.0.0.1, a free port, in a background thread; yields its base URL.
+
+    The smoke bundle is asked for here, not as a parameter: session fixtures are set up before module ones, so a
+    parameter would train the smoke model even when ``browser`` then skips (no Chromium)."""
     import uvicorn
 
+    smoke_bundle = request.getfixturevalue("smoke_bundle")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -308,3 +312,24 @@ def test_korean_glyphs_are_drawn(browser: object, server: str, sample: Path, tmp
     title = page.locator(".drop-title")
     assert HANGUL.search(title.inner_text()) and title.bounding_box()["width"] > 100
     page.close()
+
+
+def test_glyph_check_sees_a_missing_cjk_font(browser: object, tmp_path: Path) -> None:
+    """The control for the test above: a Chromium whose fontconfig knows only DejaVu (no Hangul) draws 가 and 힣 as
+    the same box, and the check says so."""
+    conf = tmp_path / "fonts.conf"
+    conf.write_text(
+        '<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd"><fontconfig>'
+        f"<dir>/usr/share/fonts/truetype/dejavu</dir><cachedir>{tmp_path / 'cache'}</cachedir></fontconfig>"
+    )
+    if not Path("/usr/share/fonts/truetype/dejavu").is_dir():
+        pytest.skip("Debian's DejaVu fonts are not installed")
+    env = {**os.environ, "FONTCONFIG_FILE": str(conf)}
+    latin_only = browser.browser_type.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, env=env)
+    try:
+        page = latin_only.new_page()
+        page.set_content("<!doctype html><body></body>")
+        assert differ(glyph(page, "가"), glyph(page, "힣")) < 1.0  # both the missing-glyph box
+        assert differ(glyph(page, "A"), glyph(page, "W")) > 5.0  # Latin is still drawn
+    finally:
+        latin_only.close()

@@ -114,7 +114,7 @@ def test_make_serve_builds_the_light_venv():
     res = subprocess.run(["make", "-n", "serve"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     dry = res.stdout
-    assert "-m venv .venv-serve" in dry and "pip install -q -e '.[serve]'" in dry
+    assert "-m venv --without-pip .venv-serve" in dry and "install -q --no-compile -e '.[serve]'" in dry
     assert ".venv-serve/bin/cxr-triage serve --host 127.0.0.1 --port 8000" in dry
     assert "torch" not in dry and "[train" not in dry
 

@@ -290,3 +290,37 @@ def test_run_warns_when_not_loopback(
     caplog.clear()
     service.run(bundle_dir=smoke_bundle)
     assert "exposes" not in caplog.text and (calls[-1]["host"], calls[-1]["port"]) == ("127.0.0.1", 8000)
+
+
+def test_favicon_samples_and_offline_docs(client: TestClient) -> None:
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(icon.content)).format == "ICO"
+    samples = client.get("/api/v1/samples").json()
+    assert len(samples) == 16 and {s["label"] for s in samples} == set(CLASS_IDS)
+    first = client.get(samples[0]["url"])
+    assert first.status_code == 200 and Image.open(io.BytesIO(first.content)).size[0] >= 32
+    for bad in ("labels.csv", "..%2Fmodel%2Fmodel.json", "nope.jpg"):
+        r = client.get(f"/samples/{bad}")
+        assert r.status_code == 404 and set(r.json()) == {"error"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
+    assert "https://" not in docs.text and "<script>" not in docs.text  # no CDN, no inline script
+    for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs.text):
+        assert client.get(asset).status_code == 200, asset
+    assert client.get("/redoc").status_code == 404
+
+
+def test_page_strings_and_formats_come_from_python(client: TestClient) -> None:
+    from cxr_triage.core.preprocess import IMAGE_SUFFIXES
+    from cxr_triage.runtime.i18n import CLASS_NAMES, page_strings
+
+    page = client.get("/").text
+    accept = re.search(r'accept="([^"]+)"', page).group(1).split(",")
+    assert IMAGE_SUFFIXES <= set(accept) and {"image/bmp", "image/tiff", "image/webp"} <= set(accept)
+    island = re.search(r'<script id="strings" type="application/json">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(island) == page_strings()
+    script = client.get("/static/app.js").text
+    for lang in CLASS_NAMES:  # the page has no class names of its own, so it cannot disagree with the CLI
+        assert not any(f'"{name}"' in script for name in CLASS_NAMES[lang].values()), lang
+    assert 'rel="icon"' in page and 'href="/docs"' in page
