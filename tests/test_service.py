@@ -283,6 +283,11 @@ def test_run_warns_when_not_loopback(
 
     calls: list[dict] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    logger = logging.getLogger("cxr_triage.service")  # other tests' logging set-ups (uvicorn, Ray) may have
+    monkeypatch.setattr(logger, "disabled", False)  # disabled or detached it; this test reads its warnings
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)  # a global logging.disable() too
+    caplog.set_level(logging.WARNING, logger="cxr_triage.service")
     service.run(host="0.0.0.0", port=8123, bundle_dir=smoke_bundle)
     assert "binding to 0.0.0.0 exposes the service to the network" in caplog.text
     assert [(c["host"], c["port"]) for c in calls] == [("0.0.0.0", 8123)]
