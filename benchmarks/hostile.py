@@ -38,6 +38,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import service_load  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = REPO.parent / "shared" / "data" / "hostile-inputs"
 BOMBS = ("bomb_30000.png", "bomb_8000_16bit.png", "deflate_bomb_12000.dcm", "rle_bomb_12000.dcm")
@@ -133,21 +136,7 @@ class Watch(threading.Thread):
 
 
 def start_server(port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "cxr_triage.service:create_app"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    log = open(Path(tempfile.gettempdir()) / f"hostile-server-{port}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become healthy in 120 s")
+    return service_load.start_server(port, ENV, Path(tempfile.gettempdir()) / f"hostile-server-{port}.log")
 
 
 def post(client: httpx.Client, url: str, path: Path) -> tuple[int | str, bool]:

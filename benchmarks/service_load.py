@@ -56,10 +56,13 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
     return float("nan")
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """``uvicorn --factory cxr_triage.service:create_app`` on loopback, once its health route answers (≤ 120 s);
+    its output goes to ``log`` when given."""
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "cxr_triage.service:create_app"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    proc = subprocess.Popen(cmd, cwd=REPO)
+    out = open(log, "w") if log else None  # noqa: SIM115 - the server's child keeps it open
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -65,6 +65,17 @@ def orthanc_config(
     return config
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate a child process, killing it if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Orthanc:
     """Start Orthanc in ``work`` (a fresh folder); ``stop()`` ends it. REST helpers for the tests."""
 
@@ -103,13 +114,7 @@ class Orthanc:
 
     def stop(self) -> None:
         self.rest.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def upload(self, data: bytes) -> dict[str, Any]:
         """POST /instances: the stored instance's ID and parents."""
@@ -184,10 +189,4 @@ class NodeProcess:
         raise RuntimeError("no VmRSS in /proc status")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)

@@ -52,6 +52,19 @@ def _progress(description: str):
     return wrap
 
 
+def _inputs(paths: list[str]) -> list[str]:
+    """The files to answer for (``runtime.inputs``: every named path and every image-like entry found); what the
+    scan skipped is counted on stderr; no files at all is a usage error."""
+    from cxr_triage.runtime.inputs import scan_inputs
+
+    found = scan_inputs(paths)
+    if found.summary():
+        console.print(escape(found.summary()))
+    if not found.paths:
+        _fail("no image files found in the given paths")
+    return found.paths
+
+
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
@@ -290,7 +303,6 @@ def predict(
     from cxr_triage.runtime.engine import BundleError, Engine
     from cxr_triage.runtime.formats import FORMATS, write_rows
     from cxr_triage.runtime.i18n import LANGS
-    from cxr_triage.runtime.inputs import scan_inputs
     from cxr_triage.runtime.predict import predict_paths
 
     if fmt not in FORMATS:
@@ -304,12 +316,7 @@ def predict(
         return
     if engine_name != "local":
         _fail(f"unknown --engine {engine_name!r}; use local or ray")
-    found = scan_inputs(paths)
-    files = found.paths
-    if found.summary():
-        console.print(escape(found.summary()))
-    if not files:
-        _fail("no image files found in the given paths")
+    files = _inputs(paths)
     try:
         engine = Engine(model)
     except BundleError as exc:
@@ -363,12 +370,9 @@ def segment(
     import csv
 
     from cxr_triage.runtime.engine import BundleError
-    from cxr_triage.runtime.predict import collect_inputs
     from cxr_triage.runtime.segment import SEGMENT_COLUMNS, LungSegmenter, segment_paths
 
-    files = collect_inputs(paths)
-    if not files:
-        _fail("no image files found in the given paths")
+    files = _inputs(paths)
     try:
         seg = LungSegmenter(model)
     except BundleError as exc:

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cxr_triage.core.classes import CLASS_IDS, NUM_CLASSES
+from cxr_triage.core.lungs import LUNG_GATE
 from cxr_triage.core.preprocess import PreprocessSpec
 
 BUNDLE_FORMAT = "cxr-triage-bundle/1"
@@ -73,8 +74,8 @@ class SegmenterRef(_Section):
 class LungGate(_Section):
     """Lung area share (of the image) below which an input is 'rejected', above which 'uncertain'."""
 
-    min_area: Unit = 0.03
-    max_area: Unit = 0.65
+    min_area: Unit = LUNG_GATE["min_area"]
+    max_area: Unit = LUNG_GATE["max_area"]
 
 
 class BundleMeta(_Section):

@@ -162,7 +162,7 @@ def predict_arrays(
             continue
         found = findings(float(probs.max()), float(out.ood[i]), engine.meta, float(out.pixel[i]), float(colours[i]))
         k = int(probs.argmax())
-        cam = engine.cam(out.features[i], k)
+        cam = engine.cam(out.features[i], k) if masks is not None or heatmaps else None
         extra: dict = {}
         if masks is not None:
             found = lung_findings(lung_stats(masks[i]), gate["min_area"], gate["max_area"]) + found

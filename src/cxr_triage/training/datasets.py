@@ -58,10 +58,15 @@ def build_cache(
             it = progress(it, len(df))
         for i, img in enumerate(it):
             out[i] = img
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, out)
-    os.replace(tmp, target)
+    save_atomic(target, out)
     return out
+
+
+def save_atomic(target: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a temporary sibling, then rename: a killed build never leaves half a cache."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, target)
 
 
 class RandomDownscale(torch.nn.Module):

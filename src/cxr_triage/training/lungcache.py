@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,15 +21,10 @@ from scipy import ndimage
 from cxr_triage.core.classes import CLASS_IDS, class_from_name
 from cxr_triage.core.lungs import lung_view
 from cxr_triage.core.preprocess import PreprocessSpec, load_grey, model_square
+from cxr_triage.training.datasets import cache_key, save_atomic
 
 log = logging.getLogger(__name__)
 BLACK = 12  # grey level at or below which a masked image is 'outside the mask' (JPEG ringing stays below it)
-
-
-def _save(target: Path, arr: np.ndarray) -> None:
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, target)
 
 
 def build_lung_cache(
@@ -45,10 +39,7 @@ def build_lung_cache(
     from cxr_triage.runtime.segment import LungSegmenter
 
     seg = LungSegmenter(segmenter_dir)
-    h = hashlib.sha256(repr((sorted(spec.to_dict().items()), seg.meta["onnx_sha256"])).encode())
-    for p, s in zip(df["abspath"], df.get("sha256", df["abspath"]), strict=True):
-        h.update(f"{p}\0{s}\n".encode())
-    target = Path(cache_dir) / f"lungs-{h.hexdigest()[:16]}-{spec.size}.npy"
+    target = Path(cache_dir) / f"lungs-{cache_key(df, spec)}-{seg.meta['onnx_sha256'][:12]}-{spec.size}.npy"
     if target.exists():
         arr = np.load(target, mmap_mode="r")
         if arr.shape == (len(df), spec.size, spec.size):
@@ -62,7 +53,7 @@ def build_lung_cache(
         greys = [load_grey(p) for p in df["abspath"].iloc[i : i + batch]]
         for j, (g, m) in enumerate(zip(greys, seg.masks(greys), strict=True)):
             out[i + j] = model_square(g, spec, m)
-    _save(target, out)
+    save_atomic(target, out)
     return out
 
 
@@ -111,5 +102,5 @@ def build_extra_cache(rows: pd.DataFrame, spec: PreprocessSpec, cache_dir: Path)
         return np.load(target, mmap_mode="r")
     target.parent.mkdir(parents=True, exist_ok=True)
     out = np.stack([masked_extra_view(load_grey(p), spec) for p in rows["abspath"]])
-    _save(target, out)
+    save_atomic(target, out)
     return out

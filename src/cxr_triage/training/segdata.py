@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from cxr_triage.core.lungs import input_mask
 from cxr_triage.core.preprocess import IMAGE_SUFFIXES, PreprocessSpec, load_grey, normalise, square
 from cxr_triage.training.datasets import RandomDownscale, RandomGamma
 
@@ -78,12 +79,6 @@ def load_mask(path: str | Path) -> np.ndarray:
         return np.asarray(im.convert("L")) > 127
 
 
-def square_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The mask through the same geometry as ``square`` (border, square rule, resize; no equalisation): uint8 0/1."""
-    geo = PreprocessSpec(size=spec.size, resize=spec.resize, border=spec.border, equalize=False)
-    return (square(mask.astype(np.uint8) * 255, geo) > 127).astype(np.uint8)
-
-
 def cache_pairs(df: pd.DataFrame, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, S, S), masks uint8 0/1 (N, S, S)) at the network's input size."""
     images = np.empty((len(df), spec.size, spec.size), np.uint8)
@@ -92,7 +87,7 @@ def cache_pairs(df: pd.DataFrame, spec: PreprocessSpec) -> tuple[np.ndarray, np.
         grey, mask = load_grey(ip), load_mask(mp)
         if grey.shape != mask.shape:
             raise PairsError(f"{ip} is {grey.shape[::-1]} but its mask {mp} is {mask.shape[::-1]}")
-        images[i], masks[i] = square(grey, spec), square_mask(mask, spec)
+        images[i], masks[i] = square(grey, spec), input_mask(mask, spec)  # the same geometry, no equalisation
     return images, masks
 
 

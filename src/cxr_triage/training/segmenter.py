@@ -17,8 +17,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.training.model import CheckpointError
 from cxr_triage.training.segdata import MaskPairs, build_pair_augment, cache_pairs, find_pairs, split_pairs
-from cxr_triage.training.train import resolve_precision
+from cxr_triage.training.train import checkpoint_callbacks, prepare_run, resolve_precision
 
 log = logging.getLogger(__name__)
 SEG_FORMAT = "cxr-triage-segmenter-checkpoint/1"
@@ -146,14 +145,8 @@ def load_segmenter(path: Path) -> tuple[torch.nn.Module, dict[str, Any], Preproc
 
 def train_segmenter(cfg: dict[str, Any], resume: bool = False) -> Path:
     """Train on a lung-mask pairs folder; returns the run directory (holding best.pt and pairs.csv)."""
-    L.seed_everything(int(cfg["seed"]), workers=True)
-    run_dir = Path(cfg["out_dir"]) / cfg["name"]
-    ckpt_dir, d = run_dir / "checkpoints", cfg["data"]
-    last = ckpt_dir / "last.ckpt"
-    if not resume and last.exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run_dir, last = prepare_run(cfg, resume)
+    d = cfg["data"]
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
     df = find_pairs(Path(d["pairs"]))
     df["split"] = split_pairs(df, d["val"], d["test"], int(cfg["seed"]))
@@ -177,8 +170,7 @@ def train_segmenter(cfg: dict[str, Any], resume: bool = False) -> Path:
     )
     val_dl = DataLoader(MaskPairs(images[va], masks[va], spec), batch_size=bs, num_workers=0)
     t = cfg["trainer"]
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/dice", mode="max")
-    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, enable_version_counter=False)
+    best, latest = checkpoint_callbacks(last.parent, monitor="val/dice")
     trainer = L.Trainer(
         max_epochs=t["max_epochs"],
         precision=resolve_precision(t["precision"]),

@@ -245,34 +245,40 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
 
 
-def checkpoint_callbacks(ckpt_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
-    """(best by validation macro-F1, last.ckpt rewritten after every epoch for --resume).
+def checkpoint_callbacks(ckpt_dir: Path, monitor: str = "val/macro_f1") -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """(best by ``monitor``, higher is better; last.ckpt rewritten after every epoch for --resume).
 
     Lightning's ``save_last=True`` rewrites last.ckpt only in epochs that also save a best checkpoint, so a kill
     after a few non-improving epochs would resume from the best epoch and redo the rest; hence a second callback.
     """
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/macro_f1", mode="max")
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor=monitor, mode="max")
     latest = ModelCheckpoint(
         dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
     return best, latest
 
 
-def train(cfg: dict[str, Any], resume: bool = False) -> Path:
-    """Run training; returns the run directory (holding best.pt)."""
+def prepare_run(cfg: dict[str, Any], resume: bool) -> tuple[Path, Path]:
+    """Seed everything, create ``<out_dir>/<name>/`` with its config.yaml; (run dir, last.ckpt path).
+    A run that already holds a last.ckpt is refused unless ``resume``."""
     L.seed_everything(int(cfg["seed"]), workers=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     run_dir = Path(cfg["out_dir"]) / cfg["name"]
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    last = run_dir / "checkpoints" / "last.ckpt"
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return run_dir, last
+
+
+def train(cfg: dict[str, Any], resume: bool = False) -> Path:
+    """Run training; returns the run directory (holding best.pt)."""
+    run_dir, last = prepare_run(cfg, resume)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
     train_dl, val_dl, summary = build_loaders(cfg, spec)
     t = cfg["trainer"]
-    best, latest = checkpoint_callbacks(ckpt_dir)
+    best, latest = checkpoint_callbacks(last.parent)
     trainer = L.Trainer(
         max_epochs=t["max_epochs"],
         precision=resolve_precision(t["precision"]),
