@@ -181,8 +181,8 @@ def _init(ray: Any, address: str | None, num_cpus: int) -> None:
     }
     for attempt in (1, 2):
         try:
-            if address:
-                ray.init(address=address, **quiet)
+            if address:  # the cluster runs this very package (shipped with the job), so its rows match this CLI's
+                ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parents[1])]}, **quiet)
             else:
                 ray.init(address="local", num_cpus=num_cpus, _system_config=LOCAL_CONFIG, **quiet)
             return
