@@ -1,6 +1,7 @@
 """Archive scoring (issue 16): local Ray Data vs the single-process CLI, side by side in one run.
 
 Usage: nice -n 15 python benchmarks/archive.py [--n 5000] [--data DATASET_DIR] [--json out.json]
+       nice -n 15 python benchmarks/archive.py --cpu [--n 1000] [--json out.json]
 
 Takes ``--n`` images from the dataset folder (classes interleaved; read-only) and runs, alternating so that the
 machine's drift and any other load hit both engines alike (``STEPS``): the CLI's path (``predict_paths`` over the
@@ -11,6 +12,10 @@ Ray's own start (``ray.init``, local) and a first 64-image job (Ray starting its
 a running cluster pays them once, not per job. Each job reports its whole wall time (actors starting and loading
 the model, reading, scoring, shards, merge), the time to its first row and its rate from first to last row. Every
 Ray result is checked against the CLI's rows (labels, decisions, probabilities to 1e-6).
+
+``--cpu`` measures what contention cannot blur: the CPU seconds each command spends (the command's process and all
+its descendants: Ray's services, readers, actors; /proc sampled every 0.2 s), for ``cxr-triage predict`` and for
+``predict --engine ray`` with 1 and 2 workers on ``--n`` images, and with 2 workers on 16 images (Ray's fixed cost).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import argparse
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from itertools import chain, zip_longest
 from pathlib import Path
@@ -112,6 +119,58 @@ def compare(rows: list[dict], cli: dict[str, dict]) -> dict:
 
 
 STEPS = ("cli", "ray2", "ray1", "cli", "ray2", "ray2_kill")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds used so far) for every process."""
+    table = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(proc.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def command_cpu(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and all its descendants) for one command."""
+    t0, used = time.perf_counter(), {}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        table, tree = _proc_table(), {proc.pid}
+        for _ in range(8):  # descendants down to 8 levels (driver -> raylet -> workers)
+            tree |= {pid for pid, (ppid, _) in table.items() if ppid in tree}
+        used |= {pid: table[pid][1] for pid in tree if pid in table}
+        time.sleep(0.2)
+    return time.perf_counter() - t0, sum(used.values())
+
+
+def cpu_costs(paths: list[str], tmp: Path) -> dict:
+    """CPU seconds of the plain CLI and of Ray (2 workers) on all and on a third of ``paths``, Ray with 1 worker on
+    all: the difference between the two sizes is the cost per image, what is left the fixed cost of a job."""
+    exe = [sys.executable, "-m", "cxr_triage.cli", "predict"]
+    small = paths[: len(paths) // 3]
+    runs = {
+        "cli_small": exe + small + ["--format", "csv", "--out", str(tmp / "c1.csv")],
+        "cli": exe + paths + ["--format", "csv", "--out", str(tmp / "c2.csv")],
+        "ray2_small": exe + small + ["--engine", "ray", "--workers", "2", "--out", str(tmp / "r1.parquet")],
+        "ray2": exe + paths + ["--engine", "ray", "--workers", "2", "--out", str(tmp / "r2.parquet")],
+        "ray1": exe + paths + ["--engine", "ray", "--workers", "1", "--out", str(tmp / "r3.parquet")],
+    }
+    res: dict = {}
+    for name, cmd in runs.items():
+        wall, cpu = command_cpu(cmd)
+        n = len(small) if name.endswith("_small") else len(paths)
+        res[name] = {"images": n, "wall_s": wall, "cpu_s": cpu}
+        print(f"{name:<11} {n} images: {cpu:7.1f} CPU s, {wall:6.1f} s wall", flush=True)
+    for kind in ("cli", "ray2"):
+        per = (res[kind]["cpu_s"] - res[f"{kind}_small"]["cpu_s"]) / (len(paths) - len(small))
+        res[f"{kind}_ms_per_image"] = 1e3 * per
+        res[f"{kind}_fixed_cpu_s"] = res[kind]["cpu_s"] - per * len(paths)
+        print(f"{kind}: {1e3 * per:.2f} CPU ms per image, {res[f'{kind}_fixed_cpu_s']:.1f} CPU s per job", flush=True)
+    return res
 
 
 def main() -> None:
@@ -119,8 +178,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cpu", action="store_true", help="CPU seconds per image instead of the timed run")
     args = ap.parse_args()
     paths = pick(args.data, args.n)
+    if args.cpu:
+        with TemporaryDirectory() as tmp:
+            res = cpu_costs(paths, Path(tmp))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return
     res: dict = {"n": args.n, "cpus": os.cpu_count(), "steps": []}
     cli_rows: dict[str, dict] = {}
     with TemporaryDirectory() as tmp:

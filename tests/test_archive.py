@@ -1,7 +1,7 @@
 """Archive scoring on Ray Data (runtime/archive.py, runtime/shards.py): the same rows as the CLI, resumable after an
 interruption, one row per input even when a worker process is killed, manifests as input, and a plain CLI that never
-imports Ray. The Ray tests share one local Ray (2 CPUs, 2 workers): about 45 s on this 2-core machine when it is
-quiet (minutes beside a training run, which starves Ray's own start-up processes)."""
+imports Ray. The Ray tests share one local Ray (2 CPUs, 2 workers): 45-100 s on this 2-core machine under moderate
+load (15 minutes once beside a training run, which starves Ray's own start-up processes)."""
 
 from __future__ import annotations
 

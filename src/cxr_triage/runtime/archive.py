@@ -190,8 +190,8 @@ def _init(ray: Any, address: str | None, num_cpus: int) -> None:
     }
     for attempt in (1, 2):
         try:
-            if address:
-                ray.init(address=address, **quiet)
+            if address:  # the cluster runs this very package (shipped with the job), so its rows match this CLI's
+                ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parents[1])]}, **quiet)
             else:
                 ray.init(address="local", num_cpus=num_cpus, _system_config=LOCAL_CONFIG, **quiet)
             return
@@ -209,10 +209,6 @@ def _stream(paths: list[str], bundle: str | None, workers: int, lang: str, batch
     import ray.data as rd
 
     rd.DataContext.get_current().enable_progress_bars = False  # the caller's progress hook shows rows instead
-    if not log.isEnabledFor(logging.DEBUG):  # Ray Data's console log (its log file stays complete)
-        for handler in logging.getLogger("ray.data").handlers:
-            if "File" not in type(handler).__name__:
-                handler.setLevel(logging.ERROR)
     given = {os.path.abspath(p): p for p in paths}  # workers on other machines need absolute paths
     ds = rd.read_binary_files(
         list(given),
@@ -230,9 +226,27 @@ def _stream(paths: list[str], bundle: str | None, workers: int, lang: str, batch
         compute=rd.ActorPoolStrategy(size=workers),  # one model per worker, loaded once
         num_cpus=1,
     )
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        names = [given.get(p, p) for p in table.column("path").to_pylist()]  # back to the paths as given
-        yield table.set_column(0, "path", pa.array(names, pa.string()))
+    with _quiet_ray_data():
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            names = [given.get(p, p) for p in table.column("path").to_pylist()]  # back to the paths as given
+            yield table.set_column(0, "path", pa.array(names, pa.string()))
+
+
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's own console handler at ERROR while a job runs (its log file stays complete; -v keeps it all).
+
+    Only Ray's handler is touched: under pytest, for one, the ``ray.data`` logger also holds handlers of others."""
+    ours = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
+    levels = [h.level for h in ours]
+    if not log.isEnabledFor(logging.DEBUG):
+        for handler in ours:
+            handler.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for handler, level in zip(ours, levels, strict=True):
+            handler.setLevel(level)
 
 
 def score_archive(
