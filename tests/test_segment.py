@@ -293,3 +293,106 @@ def test_fill_holes_matches_scipy():
     for _ in range(30):
         m = ndimage.binary_opening(rng.random((64, 80)) > 0.5)
         assert (fill_holes(m) == ndimage.binary_fill_holes(m)).all()
+
+
+def test_augment_moves_the_lung_mask_with_the_image():
+    """Geometry is shared by image and mask; photometric changes never touch the mask."""
+    import torch
+
+    from cxr_triage.core.config import load_config
+    from cxr_triage.training.datasets import build_augment
+
+    aug_cfg = load_config(REPO / "configs" / "default.yaml", ["augment.rotate=25", "augment.translate=0.15"])["augment"]
+    _, mask = chest(96, 96, np.random.default_rng(2))
+    img = torch.from_numpy(mask.astype(np.uint8) * 200 + 20)[None]
+    aug = build_augment(aug_cfg, 96)
+    moved = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out, m = aug.with_mask(img, torch.from_numpy(mask)[None])
+        assert out.dtype == torch.uint8 and m.dtype == torch.bool and m.shape == (1, 96, 96)
+        bright = out[0].float() > out[0].float().mean()
+        assert (bright == m[0]).float().mean() > 0.9  # the mask still covers the (bright) lungs
+        moved += int((m[0].numpy() != mask).mean() > 0.02)
+    assert moved >= 6  # and it really moved with them
+
+
+def test_composite_keeps_the_donor_body_and_takes_the_lung_pattern():
+    from cxr_triage.training.lungcache import composite
+
+    rng = np.random.default_rng(3)
+    donor, dmask = chest(128, 128, rng)
+    view = np.zeros((128, 128), np.uint8)
+    view[8:120, 4:60] = np.tile(np.linspace(1, 255, 112)[:, None], (1, 56)).astype(np.uint8)  # brighter downwards
+    view[8:120, 68:124] = view[8:120, 4:60]
+    out, mask = composite(donor, dmask, view, 0.08)
+    assert (out[~mask] == donor[~mask]).all()  # the body outside the lungs is the donor's
+    assert mask[dmask].all() and mask.sum() > dmask.sum()
+    assert set(np.unique(out[mask & ~(out == donor)])) <= set(np.unique(donor[dmask]))  # the donor's lung levels
+    ys, xs = np.nonzero(dmask)
+    top, bottom = out[ys.min() + 4, xs], out[ys.max() - 4, xs]
+    assert bottom.mean() > top.mean() + 15  # the view's pattern (donor lung levels span about 55-105)
+    assert composite(donor, np.zeros_like(dmask), view, 0.08) is None
+
+
+def test_lung_share_of_class_activation():
+    import torch
+
+    from cxr_triage.training.train import Classifier
+
+    feats = torch.zeros(2, 3, 4, 4)
+    feats[0, 0, :2] = 1.0  # class 0 evidence in the top half only
+    feats[1, 0] = 1.0  # everywhere
+    weight = torch.eye(4, 3)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, :16] = 1  # lungs = top half
+    share = Classifier.lung_share(feats, weight, torch.tensor([0, 0]), mask)
+    assert torch.allclose(share, torch.tensor([1.0, 0.5]), atol=1e-4)
+
+
+def test_lung_guided_whole_image_training_with_composites(smoke_manifest, seg_bundle, tmp_path):
+    """seg head + attention penalty + extra masked images composed onto whole images: trains, logs the lung
+    attention, and exports a plain network (no segmentation head) that predicts."""
+    import pandas as pd
+    import torch
+
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.runtime.predict import predict_paths
+    from cxr_triage.training.export import export_bundle
+    from cxr_triage.training.train import train
+
+    from .conftest import smoke_config
+
+    extra = tmp_path / "extra"
+    (extra / "Lung_Opacity").mkdir(parents=True)
+    rng = np.random.default_rng(8)
+    rows = ["file,label,same_patient_as"]
+    for i in range(6):
+        grey, mask = chest(96, 96, rng)
+        Image.fromarray(np.where(mask, 255 - grey, 0).astype(np.uint8)).save(extra / "Lung_Opacity" / f"p{i}.jpg")
+        rows.append(f"Lung_Opacity/p{i}.jpg,Lung_Opacity,")
+    (extra / "sources.csv").write_text("\n".join(rows) + "\n")
+    cfg = smoke_config(
+        tmp_path / "runs",
+        smoke_manifest,
+        "guided",
+        [
+            f"data.segmenter={seg_bundle[0]}",
+            f"data.extra_masked={extra}",
+            "data.extra_donor_origin=null",
+            "model.seg_weight=0.5",
+            "model.attention_weight=1.0",
+            "trainer.max_epochs=1",
+        ],
+    )
+    run = train(cfg)
+    hist = pd.read_csv(run / "history.csv")
+    assert 0 <= hist["val_lung_attention"].iloc[-1] <= 1
+    payload = torch.load(run / "best.pt", weights_only=True)
+    assert payload["extra"]["counts"]["train"]["lung_opacity"] >= 6
+    assert not any("seg_head" in k for k in payload["state_dict"])
+    out = tmp_path / "bundle"
+    export_bundle(run / "best.pt", out, quantize="none")
+    img = sorted((seg_bundle[3] / "images").iterdir())[0]
+    row = next(predict_paths(Engine(out), [str(img)]))
+    assert row.decision in ("accept", "uncertain", "rejected")

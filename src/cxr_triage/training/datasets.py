@@ -125,16 +125,42 @@ class RandomLungHoles(torch.nn.Module):
         return img
 
 
-def build_augment(aug: dict[str, Any], size: int, lung_view: bool = False) -> v2.Compose:
-    """Training augmentation on uint8 (1, H, W) tensors; the output stays uint8 for ``normalise``. Lung views
-    (``preprocess.lungs: mask``) also get random holes and lobe drop-outs (``holes_p``, ``lobe_p``)."""
+class Augment:
+    """Training augmentation on uint8 (1, H, W) tensors; the output stays uint8 for ``normalise``.
+
+    ``pre`` (lung views: holes), then ``geometric`` (crop, flip, affine), then ``photometric`` (blur, resize history,
+    JPEG, contrast). ``with_mask`` moves a lung mask through the same geometry (one stacked tensor, so every random
+    parameter is shared) and leaves it out of the photometric part."""
+
+    def __init__(self, pre: list[torch.nn.Module], geometric: v2.Compose, photometric: v2.Compose) -> None:
+        self.pre, self.geometric, self.photometric = v2.Compose(pre) if pre else None, geometric, photometric
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None:
+            img = self.pre(img)
+        return self.photometric(self.geometric(img))
+
+    def with_mask(self, img: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented uint8 image (1, H, W), bool mask (1, H, W)) from a uint8 image and a bool/0-1 mask."""
+        if self.pre is not None:
+            img = self.pre(img)
+        both = self.geometric(torch.cat([img, mask.to(torch.uint8) * 255]))
+        return self.photometric(both[:1]), both[1:] > 127
+
+
+def build_augment(aug: dict[str, Any], size: int, lung_view: bool = False) -> Augment:
+    """The training augmentation of a config's ``augment`` section. Lung views (``preprocess.lungs: mask``) also get
+    random holes and lobe drop-outs (``holes_p``, ``lobe_p``)."""
     holes = [RandomLungHoles(aug.get("holes_p", 0.0), aug.get("lobe_p", 0.0))] if lung_view else []
-    return v2.Compose(
+    geometric = v2.Compose(
         [
-            *holes,
             v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=(0.85, 1.18), antialias=True),
             v2.RandomHorizontalFlip(aug.get("hflip_p", 0.0)),
             v2.RandomAffine(degrees=aug["rotate"], translate=(aug["translate"], aug["translate"])),
+        ]
+    )
+    photometric = v2.Compose(
+        [
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=aug["blur_p"]),
             v2.RandomApply([RandomDownscale(tuple(aug["downscale_range"]))], p=aug["downscale_p"]),
             v2.RandomApply([v2.JPEG(tuple(aug["jpeg_quality"]))], p=aug["jpeg_p"]),
@@ -142,28 +168,40 @@ def build_augment(aug: dict[str, Any], size: int, lung_view: bool = False) -> v2
             RandomGamma(tuple(aug["gamma"])),
         ]
     )
+    return Augment(holes, geometric, photometric)
 
 
 class CachedImages(Dataset):
-    """Rows of a cached uint8 array -> (normalised float tensor (1, H, W), class index)."""
+    """Rows of a cached uint8 array -> (normalised float tensor (1, H, W), class index), or with ``masks`` (a cached
+    (N, H, W) lung-mask array in the same coordinates) -> (image, class index, float lung mask (1, H, W))."""
 
     def __init__(
         self,
         images: np.ndarray,
         labels: np.ndarray,
         spec: PreprocessSpec,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment: Augment | None = None,
+        masks: np.ndarray | None = None,
     ) -> None:
-        self.images, self.labels, self.spec, self.augment = images, labels, spec, augment
+        self.images, self.labels, self.spec, self.augment, self.masks = images, labels, spec, augment, masks
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         img = np.asarray(self.images[i])
+        if self.masks is None:
+            if self.augment is not None:
+                img = self.augment(torch.from_numpy(img.copy())[None]).numpy()[0]
+            return torch.from_numpy(normalise(img, self.spec)), int(self.labels[i])
+        mask = torch.from_numpy(np.asarray(self.masks[i], bool).copy())[None]
+        return self.pair(img, mask, int(self.labels[i]))
+
+    def pair(self, img: np.ndarray, mask: torch.Tensor, label: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         if self.augment is not None:
-            img = self.augment(torch.from_numpy(img.copy())[None]).numpy()[0]
-        return torch.from_numpy(normalise(img, self.spec)), int(self.labels[i])
+            t, mask = self.augment.with_mask(torch.from_numpy(np.ascontiguousarray(img))[None], mask)
+            img = t.numpy()[0]
+        return torch.from_numpy(normalise(img, self.spec)), label, mask.float()
 
 
 def label_indices(df: pd.DataFrame) -> np.ndarray:

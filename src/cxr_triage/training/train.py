@@ -21,13 +21,19 @@ import torchmetrics
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
 from cxr_triage.core.classes import CLASS_IDS, NUM_CLASSES
 from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.data.manifest import load_manifest
 from cxr_triage.training.datasets import CachedImages, build_augment, build_cache, label_indices, sample_weights
-from cxr_triage.training.lungcache import build_extra_cache, build_lung_cache, load_extra_masked
+from cxr_triage.training.lungcache import (
+    CompositeImages,
+    build_extra_cache,
+    build_lung_cache,
+    build_mask_cache,
+    load_extra_masked,
+)
 from cxr_triage.training.model import create_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,26 +78,72 @@ class Classifier(L.LightningModule):
             self.ema = ModelEmaV3(self.model, decay=float(m["ema_decay"]), use_warmup=True, warmup_power=0.75)
             self.ema.requires_grad_(False)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=config["optim"]["label_smoothing"])
+        # Lung guidance (batches then carry lung masks): an auxiliary lung-segmentation head on the encoder's
+        # second-to-last stage, and a penalty on the share of the true class's activation mass outside the lungs
+        # (what ``lung_attention`` measures at inference). Neither is part of the exported network.
+        self.seg_weight = float(m.get("seg_weight") or 0)
+        self.attention_weight = float(m.get("attention_weight") or 0)
+        self.seg_head = None
+        if self.seg_weight > 0:
+            info = self.model.feature_info[-2]
+            self.seg_head = torch.nn.Conv2d(info["num_chs"], 1, 1)
+            self.model.get_submodule(info["module"]).register_forward_hook(self._keep_mid)
+        self._mid: torch.Tensor | None = None
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_f1 = torchmetrics.classification.MulticlassF1Score(NUM_CLASSES, average="none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
+    def _keep_mid(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._mid = output
+
+    @staticmethod
+    def lung_share(feats: torch.Tensor, weight: torch.Tensor, cls: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per image: share of class ``cls``'s positive activation mass (CAM) inside the lung mask (B, 1, H, W)."""
+        cam = torch.einsum("bchw,bc->bhw", feats.float(), weight[cls].float()).clamp_min(0)
+        inside = torch.nn.functional.adaptive_avg_pool2d(mask.float(), cam.shape[-2:])[:, 0]
+        return (cam * inside).sum((1, 2)) / (cam.sum((1, 2)) + 1e-6)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
+    def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
+        x, y, *masks = batch
+        if not masks:
+            loss = self.loss(self(x), y)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+            return loss
+        mask = masks[0]
+        feats = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+        ce = self.loss(self.model.forward_head(feats), y)
+        loss = ce
+        if self.attention_weight > 0:
+            outside = 1 - self.lung_share(feats, self.model.get_classifier().weight, y, mask).mean()
+            loss = loss + self.attention_weight * outside
+            self.log("train/outside", outside, on_step=False, on_epoch=True, batch_size=len(y))
+        if self.seg_head is not None and self._mid is not None:
+            seg = torch.nn.functional.interpolate(
+                self.seg_head(self._mid).float(), size=mask.shape[-2:], mode="bilinear", align_corners=False
+            )
+            p = seg.sigmoid()
+            dice = 1 - (2 * (p * mask).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
+            seg_loss = torch.nn.functional.binary_cross_entropy_with_logits(seg, mask) + dice.mean()
+            loss = loss + self.seg_weight * seg_loss
+            self.log("train/seg", seg_loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[torch.Tensor, ...], _: int) -> None:
+        x, y, *masks = batch
         net = self.ema.module if self.ema is not None else self.model
-        logits = net(x.contiguous(memory_format=torch.channels_last)).float()
+        feats = net.forward_features(x.contiguous(memory_format=torch.channels_last))
+        logits = net.forward_head(feats).float()
+        if masks:  # lung attention of the predicted class, as predict reports it
+            share = self.lung_share(feats, net.get_classifier().weight, logits.argmax(1), masks[0])
+            self.log("val/lung_attention", share.mean(), on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("val/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
         self.val_acc.update(logits, y)
         self.val_f1.update(logits, y)
@@ -107,7 +159,8 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg["optim"]
-        opt = torch.optim.AdamW(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        params = [*self.model.parameters(), *(self.seg_head.parameters() if self.seg_head is not None else [])]
+        opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = min(total - 1, int(total * o["warmup_epochs"] / max(1, self.trainer.max_epochs)))
 
@@ -148,6 +201,7 @@ class History(Callback):
             "val_acc": m.get("val/acc"),
             "val_macro_f1": m.get("val/macro_f1"),
             **{f"val_f1_{c}": m.get(f"val/f1_{c}") for c in CLASS_IDS},
+            "val_lung_attention": m.get("val/lung_attention"),
             "epoch_s": round(elapsed, 1),
             "train_img_per_s": round(self.seen / max(elapsed, 1e-6), 1),
         }
@@ -203,6 +257,14 @@ def subsample_classes(rows: np.ndarray, labels: np.ndarray, fractions: dict[str,
     return keep
 
 
+def lung_guided(cfg: dict[str, Any], spec: PreprocessSpec) -> bool:
+    """Whether training batches carry lung masks: lung guidance losses, or extra lung-masked images composed onto
+    whole images."""
+    m, d = cfg["model"], cfg["data"]
+    composed = bool(d.get("extra_masked")) and spec.lungs == "none"
+    return float(m.get("seg_weight") or 0) > 0 or float(m.get("attention_weight") or 0) > 0 or composed
+
+
 def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
     """Train/val loaders over the decoded cache, with the class-balancing sampler."""
     from rich.progress import track
@@ -210,29 +272,60 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     d = cfg["data"]
     df = load_manifest(Path(d["manifest"]))
     progress = lambda it, n: track(it, total=n, description="decoding images once")  # noqa: E731
+    seg = Path(d["segmenter"]) if d.get("segmenter") else None
     if spec.lungs == "none":
         images = build_cache(df, spec, Path(d["cache_dir"]), progress=progress)
     else:
-        seg = Path(d["segmenter"]) if d.get("segmenter") else None
         images = build_lung_cache(df, spec, Path(d["cache_dir"]), seg, progress=progress)
+    masks = None
+    if lung_guided(cfg, spec):
+        mask_progress = lambda it, n: track(it, total=n, description="lung masks once")  # noqa: E731
+        masks = build_mask_cache(df, spec, Path(d["cache_dir"]), seg, progress=mask_progress)
     labels = label_indices(df)
     tr, va = np.flatnonzero(df["split"] == "train"), np.flatnonzero(df["split"] == "val")
     if len(tr) == 0 or len(va) == 0:
         raise ValueError("the manifest needs both 'train' and 'val' rows; re-run ingest with --val > 0")
     tr = subsample_classes(tr, labels, d.get("class_fraction") or {}, int(cfg["seed"]))
     train_images, train_labels = images[tr], labels[tr]
-    if d.get("extra_masked"):
-        if spec.lungs != "mask":
-            raise ValueError("data.extra_masked needs preprocess.lungs: mask (those images hold nothing but lungs)")
-        extra = load_extra_masked(Path(d["extra_masked"]), df)
-        train_images = np.concatenate([train_images, build_extra_cache(extra, spec, Path(d["cache_dir"]))])
-        train_labels = np.concatenate([train_labels, label_indices(extra)])
     augment = build_augment(cfg["augment"], spec.size, lung_view=spec.lungs == "mask")
-    train_ds = CachedImages(train_images, train_labels, spec, augment)
-    val_ds = CachedImages(images[va], labels[va], spec)
-    n = int(d.get("epoch_samples") or 0) or len(train_labels)
+    weights = sample_weights(train_labels, d["balance_alpha"])
+    extra_labels = np.zeros(0, np.int64)
+    composites = None
+    if d.get("extra_masked"):
+        extra = load_extra_masked(Path(d["extra_masked"]), df)
+        views, extra_labels = build_extra_cache(extra, spec, Path(d["cache_dir"])), label_indices(extra)
+        if spec.lungs == "mask":
+            train_images = np.concatenate([train_images, views])
+            train_labels = np.concatenate([train_labels, extra_labels])
+            weights = sample_weights(train_labels, d["balance_alpha"])
+        elif spec.lungs == "none":
+            # Whole-image network: each extra image becomes a whole image on a donor's body (training normals of
+            # ``extra_donor_origin``, the extra set's own source), drawn as ``extra_share`` of the samples, split
+            # evenly over its classes so that 'looks composed' says nothing about the class.
+            origin = d.get("extra_donor_origin")
+            donor = tr[labels[tr] == CLASS_IDS.index("normal")]
+            if origin:
+                donor = donor[df["origin"].to_numpy()[donor] == origin]
+            if len(donor) == 0:
+                raise ValueError(f"data.extra_masked: no normal training images of origin {origin!r} to compose onto")
+            composites = CompositeImages(views, extra_labels, images[donor], masks[donor], spec, augment)
+            share = float(d.get("extra_share", 0.25))
+            if not 0 < share < 1:
+                raise ValueError(f"data.extra_share must be in (0, 1), got {share}")
+            per_class = np.bincount(extra_labels, minlength=NUM_CLASSES)
+            present = per_class > 0
+            extra_w = share / (1 - share) * weights.sum() / present.sum() / np.maximum(per_class, 1)[extra_labels]
+            weights = np.concatenate([weights, extra_w])
+        else:
+            raise ValueError("data.extra_masked needs preprocess.lungs: mask or none (not crop)")
+    train_masks = masks[tr] if masks is not None else None
+    train_ds: Dataset = CachedImages(train_images, train_labels, spec, augment, train_masks)
+    if composites is not None:
+        train_ds = ConcatDataset([train_ds, composites])
+    val_ds = CachedImages(images[va], labels[va], spec, masks=masks[va] if masks is not None else None)
+    n = int(d.get("epoch_samples") or 0) or len(weights)
     gen = torch.Generator().manual_seed(int(cfg["seed"]))
-    sampler = WeightedRandomSampler(sample_weights(train_labels, d["balance_alpha"]).tolist(), n, generator=gen)
+    sampler = WeightedRandomSampler(weights.tolist(), n, generator=gen)
     nw = int(d["num_workers"])
     common = {"batch_size": d["batch_size"], "num_workers": nw, "persistent_workers": nw > 0}
     train_dl = DataLoader(train_ds, sampler=sampler, drop_last=True, **common)
@@ -241,7 +334,8 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
         s: {c: int(((df["split"] == s) & (df["label"] == c)).sum()) for c in CLASS_IDS}
         for s in ("train", "val", "test")
     }
-    counts["train"] = {c: int((train_labels == i).sum()) for i, c in enumerate(CLASS_IDS)}  # after fraction/extras
+    all_train = np.concatenate([train_labels, extra_labels]) if composites is not None else train_labels
+    counts["train"] = {c: int((all_train == i).sum()) for i, c in enumerate(CLASS_IDS)}  # after fraction/extras
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
 
 
@@ -274,7 +368,7 @@ def prepare_run(cfg: dict[str, Any], resume: bool) -> tuple[Path, Path]:
 def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     """Run training; returns the run directory (holding best.pt)."""
     run_dir, last = prepare_run(cfg, resume)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, cgroups)
     spec = PreprocessSpec.from_dict(cfg["preprocess"])
     train_dl, val_dl, summary = build_loaders(cfg, spec)
     t = cfg["trainer"]
