@@ -66,21 +66,24 @@ BUNDLE := src/cxr_triage/assets/model
 # inference border trim, chosen on validation (benchmarks/RESULTS.md)
 BORDER ?= 0.06
 
-SEG_RUN ?= lungs-128
-SEGMENTER ?= runs/lungs-bundle
+SEG_RUN ?= lungs8b-128
+SEGMENTER ?= runs/lungs8b-fp32
 
-.PHONY: data eda train-model bundle reports train-seg seg-bundle
+.PHONY: data eda train-model bundle reports train-seg seg-bundle seg-ship
 data: $(VENV)/.full
 	$(BIN)/cxr-triage ingest $(DATASET) --out runs/data
 eda: data
 	$(BIN)/cxr-triage eda runs/data/manifest.csv --out runs/eda
 train-model: $(VENV)/.full
 	$(BIN)/cxr-triage train --config configs/default.yaml name=$(RUN)
-# the lung segmenter (about 10 minutes): ../shared/data/lung-masks -> runs/$(SEG_RUN) -> $(SEGMENTER)
+# the lung segmenter (about 20 minutes on 2 busy cores): ../shared/data/lung-masks -> runs/$(SEG_RUN) -> $(SEGMENTER)
 train-seg: $(VENV)/.full
 	$(BIN)/cxr-triage train-seg --config configs/segment.yaml name=$(SEG_RUN)
 seg-bundle: $(VENV)/.full
-	$(BIN)/cxr-triage export-seg runs/$(SEG_RUN)/best.pt --out $(SEGMENTER)
+	$(BIN)/cxr-triage export-seg runs/$(SEG_RUN)/best.pt --out $(SEGMENTER) --quantize none
+# put that segmenter into the shipped (whole-image) classifier bundle and re-seal it
+seg-ship: $(VENV)/.full
+	$(BIN)/cxr-triage seal $(BUNDLE) --segmenter $(SEGMENTER)
 bundle: $(VENV)/.full
 	$(BIN)/cxr-triage export runs/$(RUN)/best.pt --out $(BUNDLE) --border $(BORDER) --segmenter $(SEGMENTER)
 reports: $(VENV)/.full

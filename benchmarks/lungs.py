@@ -23,10 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import cpu_model, interleaved, summary  # noqa: E402
 
-from cxr_triage.core.preprocess import normalise, square  # noqa: E402
-from cxr_triage.evaluation.evaluate import ood_images  # noqa: E402
+LUNG_CODES = ("no_lungs", "one_lung", "lung_area")
+
+from cxr_triage.core.preprocess import normalise  # noqa: E402
 from cxr_triage.runtime.engine import Engine  # noqa: E402
-from cxr_triage.runtime.predict import predict_arrays, predict_paths  # noqa: E402
+from cxr_triage.runtime.predict import predict_paths  # noqa: E402
 
 
 def latency(engine: Engine, runs: int) -> dict[str, dict[str, float]]:
@@ -67,26 +68,30 @@ def cold_start(bundle: Path, image: str, runs: int = 7) -> float:
 
 def gates(engine: Engine, manifest: Path | None, split: str) -> dict[str, object]:
     """Rejected share of non-chest images and of a split's chest X-rays, with and without the lung gate."""
-    from cxr_triage.core.preprocess import load_grey
     from cxr_triage.data.manifest import load_manifest
+    from cxr_triage.evaluation.evaluate import ood_check
 
-    images, _ = ood_images()
-    greys = [load_grey(a) for _, _, a in images]
     seg, res = engine.segmenter, {}
     df = load_manifest(manifest) if manifest else None
     paths = list(df.loc[df["split"] == split, "abspath"]) if df is not None else []
     for name, s in (("with lung gate", seg), ("without lung gate", None)):
         engine.segmenter = s
-        ood = [r["decision"] for g in greys for r in predict_arrays(engine, [g], [square(g, engine.spec)])]
-        res[f"non-chest rejected ({name})"] = f"{ood.count('rejected')}/{len(ood)}"
+        ood = ood_check(engine)["images"]  # the evaluate check: decoded as predict decodes (colour gate too)
+        res[f"non-chest rejected ({name})"] = f"{sum(r['rejected'] for r in ood)}/{len(ood)}"
+        if s is not None:
+            res["non-chest accepted or uncertain"] = [r["name"] for r in ood if not r["rejected"]]
         if paths:
             rows = list(predict_paths(engine, paths))
-            rej = sum(r["decision"] == "rejected" for r in rows)
-            unc = sum(r["decision"] == "uncertain" and bool(r.get("lung_note")) for r in rows)
+            rej = sum(r.decision == "rejected" for r in rows)
             res[f"{split} rejected ({name})"] = f"{rej}/{len(rows)} ({rej / len(rows):.2%})"
             if s is not None:
-                res[f"{split} made uncertain by the lung gate"] = unc
-                res[f"{split} lung notes"] = sorted({r["lung_note"] for r in rows if r.get("lung_note")})[:5]
+                codes = [c.code for r in rows for c in r.reasons]
+                res[f"{split} lung-gate reasons"] = {k: codes.count(k) for k in LUNG_CODES if k in codes}
+                res[f"{split} rejected, by reason"] = {
+                    k: codes.count(k)
+                    for k in sorted(set(codes))
+                    if any(r.decision == "rejected" and k in [c.code for c in r.reasons] for r in rows)
+                }
     engine.segmenter = seg
     return res
 

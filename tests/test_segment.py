@@ -396,3 +396,59 @@ def test_lung_guided_whole_image_training_with_composites(smoke_manifest, seg_bu
     img = sorted((seg_bundle[3] / "images").iterdir())[0]
     row = next(predict_paths(Engine(out), [str(img)]))
     assert row.decision in ("accept", "uncertain", "rejected")
+
+
+def test_lung_mask_in_input_coordinates_without_the_full_size_mask(seg_bundle):
+    """predict reads lung statistics and attention from the segmenter-size mask; it agrees with the full-size path."""
+    from cxr_triage.core.lungs import input_mask, lung_stats, resize_mask
+    from cxr_triage.core.preprocess import PreprocessSpec
+    from cxr_triage.runtime.segment import LungSegmenter
+
+    seg = LungSegmenter(seg_bundle[0])
+    rng = np.random.default_rng(11)
+    for shape, border in (((300, 240), 0.06), ((97, 131), 0.03), ((512, 512), 0.0)):
+        spec = PreprocessSpec(size=160, border=border)
+        _, truth = chest(*shape, rng)
+        small = resize_mask(truth, (seg.spec.size, seg.spec.size))
+        fast = seg.in_input(small, shape, spec)
+        slow = input_mask(seg.to_image(small, shape), spec)
+        assert fast.shape == slow.shape == (160, 160)
+        assert (fast & slow).sum() / (fast | slow).sum() > 0.95
+        a, b = lung_stats(small), lung_stats(seg.to_image(small, shape))
+        assert abs(a.area_fraction - b.area_fraction) < 0.01 and a.both_found == b.both_found
+    lung_view_spec = PreprocessSpec(size=64, lungs="crop")  # lung views take the full-size path
+    assert seg.in_input(small, (512, 512), lung_view_spec).shape == (64, 64)
+
+
+def test_seal_swaps_the_segmenter_of_a_whole_image_bundle(smoke_bundle, seg_bundle, tmp_path):
+    """`cxr-triage seal BUNDLE --segmenter DIR`: the new segmenter is in, named and sealed; lung views refuse."""
+    import shutil
+
+    from cxr_triage.runtime.bundle import BundleError, read_bundle_meta
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.runtime.segment import replace_segmenter
+
+    bundle = tmp_path / "b"
+    shutil.copytree(smoke_bundle, bundle)
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr_triage.cli", "seal", str(bundle), "--segmenter", str(seg_bundle[0])],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    meta = read_bundle_meta(bundle)  # seal verified
+    assert meta["segmenter"]["sha256"] == seg_bundle[1]["onnx_sha256"]
+    assert Engine(bundle).segmenter is not None
+    assert not any(p.name.startswith(".lungs") for p in bundle.iterdir())
+    (bundle / "lungs" / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(BundleError):
+        Engine(bundle)
+    view = tmp_path / "view"
+    shutil.copytree(smoke_bundle, view)
+    meta = json.loads((view / "model.json").read_text())
+    meta["preprocess"]["lungs"] = "mask"
+    from cxr_triage.runtime.bundle import write_meta
+
+    write_meta(view, meta)
+    with pytest.raises(BundleError, match="export it again"):
+        replace_segmenter(view, seg_bundle[0])

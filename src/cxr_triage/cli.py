@@ -436,13 +436,22 @@ def _print_table(preds: list, lang: str) -> None:
 @app.command()
 def seal(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (model.json, model.onnx, extras.npz).")],
+    segmenter: Annotated[
+        Path | None,
+        typer.Option(help="Put this lung segmenter bundle (from export-seg) in, replacing the bundle's own."),
+    ] = None,
 ) -> None:
-    """Check a bundle's model.json and write SHA256SUMS, its seal (for bundles exported before the seal existed)."""
+    """Check a bundle's model.json and write SHA256SUMS, its seal (for bundles exported before the seal existed);
+    with --segmenter, swap a whole-image classifier's lung segmenter first."""
     from cxr_triage.runtime.bundle import BundleError
     from cxr_triage.runtime.bundle import seal as seal_bundle
     from cxr_triage.runtime.engine import Engine
 
     try:
+        if segmenter is not None:
+            from cxr_triage.runtime.segment import replace_segmenter
+
+            replace_segmenter(bundle, segmenter)
         seal_bundle(bundle)
         Engine(bundle)  # the sealed bundle must load: arrays and graph included
     except BundleError as exc:

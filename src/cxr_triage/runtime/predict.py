@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_triage.core.lungs import LUNG_GATE, input_mask, lung_attention, lung_stats, outline, resize_mask, view_box
+from cxr_triage.core.lungs import LUNG_GATE, lung_attention, lung_stats, outline, resize_mask, view_box
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, model_square, normalise, square
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.inputs import scan_inputs
@@ -123,7 +123,8 @@ def _load(path: str, engine: Engine) -> tuple[np.ndarray, np.ndarray | None, np.
 
 
 def lung_masks(engine: Engine, greys: list[np.ndarray], seg_squares: list | None = None) -> list[np.ndarray] | None:
-    """Each image's lung mask at its own size (None without a segmenter)."""
+    """Each image's cleaned lung mask at the segmenter's square size (None without a segmenter); the segmenter's
+    ``to_image`` / ``in_input`` bring one to the image or the classifier input."""
     seg = engine.segmenter
     if seg is None:
         return None
@@ -131,7 +132,7 @@ def lung_masks(engine: Engine, greys: list[np.ndarray], seg_squares: list | None
         q if q is not None else square(g, seg.spec)
         for g, q in zip(greys, seg_squares or [None] * len(greys), strict=True)
     ]
-    return [seg.to_image(m, g.shape) for m, g in zip(seg.square_masks(squares), greys, strict=True)]
+    return seg.square_masks(squares)
 
 
 def predict_arrays(
@@ -146,9 +147,13 @@ def predict_arrays(
 ) -> list[Prediction]:
     """Predictions for decoded images (grey originals and, optionally, their model-size squares), optionally with
     heatmaps; with a lung segmenter, also lung attention and the lung gate."""
-    masks = lung_masks(engine, greys, seg_squares)
+    small = lung_masks(engine, greys, seg_squares)  # at the segmenter's size: statistics and attention need no more
+    seg = engine.segmenter
+    full: list[np.ndarray | None] = [None] * len(greys)  # at each image's size: lung views and overlays only
+    if small is not None and (engine.spec.lungs != "none" or heatmaps):
+        full = [seg.to_image(m, g.shape) for m, g in zip(small, greys, strict=True)]
     if engine.spec.lungs != "none" or squares is None or any(q is None for q in squares):
-        squares = [model_square(g, engine.spec, m) for g, m in zip(greys, masks or [None] * len(greys), strict=True)]
+        squares = [model_square(g, engine.spec, m) for g, m in zip(greys, full, strict=True)]
     out = engine.run(normalise(np.stack(squares), engine.spec), colours)
     colours = colours if colours is not None else [0.0] * len(greys)
     paths = paths if paths is not None else [""] * len(greys)
@@ -162,14 +167,14 @@ def predict_arrays(
             continue
         found = findings(float(probs.max()), float(out.ood[i]), engine.meta, float(out.pixel[i]), float(colours[i]))
         k = int(probs.argmax())
-        cam = engine.cam(out.features[i], k) if masks is not None or heatmaps else None
+        cam = engine.cam(out.features[i], k) if small is not None or heatmaps else None
         extra: dict = {}
-        if masks is not None:
-            found = lung_findings(lung_stats(masks[i]), gate["min_area"], gate["max_area"]) + found
-            extra["lung_attention"] = round(lung_attention(cam, input_mask(masks[i], engine.spec)), 3)
+        if small is not None:
+            found = lung_findings(lung_stats(small[i]), gate["min_area"], gate["max_area"]) + found
+            extra["lung_attention"] = round(lung_attention(cam, seg.in_input(small[i], grey.shape, engine.spec)), 3)
         pred = Prediction.answer(paths[i], probs, found, float(out.ood[i]), model, lang, **extra)
         if heatmaps and pred.decision != "rejected":
-            heat = overlay(grey, cam, engine.spec, lungs=masks[i] if masks is not None else None)
+            heat = overlay(grey, cam, engine.spec, lungs=full[i])
             pred = pred.model_copy(update={"heatmap": heat})
         preds.append(pred)
     return preds

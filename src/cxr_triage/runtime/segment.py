@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from cxr_triage.core.lungs import LungStats, clean_mask, lung_stats, resize_mask
+from cxr_triage.core.lungs import LungStats, clean_mask, input_mask, lung_stats, resize_mask
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, square
+from cxr_triage.runtime.bundle import read_bundle_meta, write_meta
 from cxr_triage.runtime.engine import BundleError, sha256_file
 
 SEG_BUNDLE_FORMAT = "cxr-triage-segmenter/1"
@@ -86,6 +88,19 @@ class LungSegmenter:
         """Cleaned lung masks (bool) at each grey image's own height x width."""
         small = self.square_masks([square(g, self.spec) for g in greys])
         return [self.to_image(m, g.shape) for m, g in zip(small, greys, strict=True)]
+
+    def in_input(self, small: np.ndarray, shape: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:
+        """A mask at the network's square size in a whole-image classifier's input coordinates (``spec``) for an
+        image of ``shape``: what ``core.lungs.input_mask`` gives for the full-size mask, computed at the network's
+        size when both specs stretch (no full-size mask is made; within a pixel of the network's grid)."""
+        s = self.spec
+        if spec.lungs != "none" or s.resize != "stretch" or spec.resize != "stretch" or s.border != 0:
+            return input_mask(self.to_image(small, shape), spec)
+        (h, w), (sh, sw) = shape, small.shape
+        dy, dx = round(h * spec.border), round(w * spec.border)
+        y0, y1 = round(dy * sh / h), max(round((h - dy) * sh / h), round(dy * sh / h) + 1)
+        x0, x1 = round(dx * sw / w), max(round((w - dx) * sw / w), round(dx * sw / w) + 1)
+        return resize_mask(small[y0:y1, x0:x1], (spec.size, spec.size))
 
     def to_image(self, small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """A mask at the network's square size back onto the image (undoing border trim and the square rule)."""
@@ -170,3 +185,25 @@ def segment_row(path: str, stats: LungStats | None, mask_path: str, error: str) 
         "mask_path": mask_path,
         "error": error,
     }
+
+
+def replace_segmenter(bundle_dir: Path, segmenter: Path) -> dict[str, Any]:
+    """Put another lung segmenter bundle into a whole-image classifier bundle (as ``lungs/``), name it in model.json
+    and re-seal; returns the new model.json content. Lung-view classifiers are refused: their inputs were made by
+    the segmenter they were trained with, so they need a new export instead."""
+    bundle_dir = Path(bundle_dir)
+    meta = read_bundle_meta(bundle_dir)
+    if meta["preprocess"].get("lungs", "none") != "none":
+        raise BundleError(f"{bundle_dir} classifies lung views made by its own segmenter: export it again instead")
+    seg_meta = read_segmenter_meta(Path(segmenter))
+    new, old = bundle_dir / ".lungs.new", bundle_dir / ".lungs.old"
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(segmenter, new)
+    if (bundle_dir / "lungs").exists():
+        (bundle_dir / "lungs").rename(old)
+    new.rename(bundle_dir / "lungs")
+    shutil.rmtree(old, ignore_errors=True)
+    meta["segmenter"] = {"path": "lungs", "sha256": seg_meta["onnx_sha256"], "name": seg_meta.get("name")}
+    write_meta(bundle_dir, meta)
+    return meta
