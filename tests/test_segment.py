@@ -60,6 +60,19 @@ def write_pairs(root: Path, n: int = 28, seed: int = 0) -> Path:
     return root
 
 
+def write_extra_masked(root: Path, seed: int, n: int = 6) -> Path:
+    """A lung-masked, inverted extra set like ../shared/data/extra/rsna-lung-masked: n new Lung Opacity patients."""
+    (root / "Lung_Opacity").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = ["file,label,same_patient_as"]
+    for i in range(n):
+        grey, mask = chest(96, 96, rng)
+        Image.fromarray(np.where(mask, 255 - grey, 0).astype(np.uint8)).save(root / "Lung_Opacity" / f"p{i}.jpg")
+        rows.append(f"Lung_Opacity/p{i}.jpg,Lung_Opacity,")
+    (root / "sources.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def seg_bundle(tmp_path_factory):
     """A seconds-long smoke segmenter trained on generated chests, exported (fp32 and int8 tried)."""
@@ -246,15 +259,7 @@ def test_lung_view_classifier_with_extra_set(smoke_manifest, seg_bundle, tmp_pat
 
     from .conftest import smoke_config
 
-    extra = tmp_path / "extra"
-    (extra / "Lung_Opacity").mkdir(parents=True)
-    rng = np.random.default_rng(7)
-    rows = ["file,label,same_patient_as"]
-    for i in range(6):
-        grey, mask = chest(96, 96, rng)
-        Image.fromarray(np.where(mask, 255 - grey, 0).astype(np.uint8)).save(extra / "Lung_Opacity" / f"p{i}.jpg")
-        rows.append(f"Lung_Opacity/p{i}.jpg,Lung_Opacity,")
-    (extra / "sources.csv").write_text("\n".join(rows) + "\n")
+    extra = write_extra_masked(tmp_path / "extra", seed=7)
     cfg = smoke_config(
         tmp_path / "runs",
         smoke_manifest,
@@ -363,15 +368,7 @@ def test_lung_guided_whole_image_training_with_composites(smoke_manifest, seg_bu
 
     from .conftest import smoke_config
 
-    extra = tmp_path / "extra"
-    (extra / "Lung_Opacity").mkdir(parents=True)
-    rng = np.random.default_rng(8)
-    rows = ["file,label,same_patient_as"]
-    for i in range(6):
-        grey, mask = chest(96, 96, rng)
-        Image.fromarray(np.where(mask, 255 - grey, 0).astype(np.uint8)).save(extra / "Lung_Opacity" / f"p{i}.jpg")
-        rows.append(f"Lung_Opacity/p{i}.jpg,Lung_Opacity,")
-    (extra / "sources.csv").write_text("\n".join(rows) + "\n")
+    extra = write_extra_masked(tmp_path / "extra", seed=8)
     cfg = smoke_config(
         tmp_path / "runs",
         smoke_manifest,

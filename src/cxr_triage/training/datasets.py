@@ -195,13 +195,17 @@ class CachedImages(Dataset):
                 img = self.augment(torch.from_numpy(img.copy())[None]).numpy()[0]
             return torch.from_numpy(normalise(img, self.spec)), int(self.labels[i])
         mask = torch.from_numpy(np.asarray(self.masks[i], bool).copy())[None]
-        return self.pair(img, mask, int(self.labels[i]))
+        return masked_item(img, mask, int(self.labels[i]), self.spec, self.augment)
 
-    def pair(self, img: np.ndarray, mask: torch.Tensor, label: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        if self.augment is not None:
-            t, mask = self.augment.with_mask(torch.from_numpy(np.ascontiguousarray(img))[None], mask)
-            img = t.numpy()[0]
-        return torch.from_numpy(normalise(img, self.spec)), label, mask.float()
+
+def masked_item(
+    img: np.ndarray, mask: torch.Tensor, label: int, spec: PreprocessSpec, augment: Augment | None
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(normalised image (1, H, W), class index, float lung mask (1, H, W)), image and mask augmented together."""
+    if augment is not None:
+        t, mask = augment.with_mask(torch.from_numpy(np.ascontiguousarray(img))[None], mask)
+        img = t.numpy()[0]
+    return torch.from_numpy(normalise(img, spec)), label, mask.float()
 
 
 def label_indices(df: pd.DataFrame) -> np.ndarray:

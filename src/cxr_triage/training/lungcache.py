@@ -24,10 +24,44 @@ from torch.utils.data import Dataset
 from cxr_triage.core.classes import CLASS_IDS, class_from_name
 from cxr_triage.core.lungs import input_mask, lung_box, lung_view, resize_mask
 from cxr_triage.core.preprocess import PreprocessSpec, load_grey, model_square
-from cxr_triage.training.datasets import CachedImages, cache_key, save_atomic
+from cxr_triage.training.datasets import cache_key, masked_item, save_atomic
 
 log = logging.getLogger(__name__)
 BLACK = 12  # grey level at or below which a masked image is 'outside the mask' (JPEG ringing stays below it)
+
+
+def _segmented_cache(
+    kind: str,
+    each: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    dtype: type,
+    df: pd.DataFrame,
+    spec: PreprocessSpec,
+    cache_dir: Path,
+    segmenter_dir: Path | None,
+    progress: Callable[[Iterable, int], Iterable] | None,
+    batch: int,
+) -> np.ndarray:
+    """(N, size, size) of ``each(grey, lung mask)`` for every manifest row through the segmenter, cached per
+    (kind, rows, spec, segmenter)."""
+    from cxr_triage.runtime.segment import LungSegmenter
+
+    seg = LungSegmenter(segmenter_dir)
+    target = Path(cache_dir) / f"{kind}-{cache_key(df, spec)}-{seg.meta['onnx_sha256'][:12]}-{spec.size}.npy"
+    if target.exists():
+        arr = np.load(target, mmap_mode="r")
+        if arr.shape == (len(df), spec.size, spec.size):
+            return arr
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out = np.zeros((len(df), spec.size, spec.size), dtype)
+    starts: Iterable[int] = range(0, len(df), batch)
+    if progress is not None:
+        starts = progress(starts, len(range(0, len(df), batch)))
+    for i in starts:
+        greys = [load_grey(p) for p in df["abspath"].iloc[i : i + batch]]
+        for j, (g, m) in enumerate(zip(greys, seg.masks(greys), strict=True)):
+            out[i + j] = each(g, m)
+    save_atomic(target, out)
+    return out
 
 
 def build_lung_cache(
@@ -39,25 +73,8 @@ def build_lung_cache(
     batch: int = 64,
 ) -> np.ndarray:
     """uint8 (N, size, size) lung views of every manifest row, cached per (rows, spec, segmenter)."""
-    from cxr_triage.runtime.segment import LungSegmenter
-
-    seg = LungSegmenter(segmenter_dir)
-    target = Path(cache_dir) / f"lungs-{cache_key(df, spec)}-{seg.meta['onnx_sha256'][:12]}-{spec.size}.npy"
-    if target.exists():
-        arr = np.load(target, mmap_mode="r")
-        if arr.shape == (len(df), spec.size, spec.size):
-            return arr
-    target.parent.mkdir(parents=True, exist_ok=True)
-    out = np.empty((len(df), spec.size, spec.size), np.uint8)
-    starts: Iterable[int] = range(0, len(df), batch)
-    if progress is not None:
-        starts = progress(starts, len(range(0, len(df), batch)))
-    for i in starts:
-        greys = [load_grey(p) for p in df["abspath"].iloc[i : i + batch]]
-        for j, (g, m) in enumerate(zip(greys, seg.masks(greys), strict=True)):
-            out[i + j] = model_square(g, spec, m)
-    save_atomic(target, out)
-    return out
+    view = lambda g, m: model_square(g, spec, m)  # noqa: E731
+    return _segmented_cache("lungs", view, np.uint8, df, spec, cache_dir, segmenter_dir, progress, batch)
 
 
 def build_mask_cache(
@@ -71,25 +88,8 @@ def build_mask_cache(
     """bool (N, size, size): every manifest row's lung mask (the segmenter's, as ``predict`` computes it) in the
     classifier input's coordinates (``core.lungs.input_mask``), cached per (rows, spec, segmenter). Lung guidance
     of a whole-image network reads it."""
-    from cxr_triage.runtime.segment import LungSegmenter
-
-    seg = LungSegmenter(segmenter_dir)
-    target = Path(cache_dir) / f"masks-{cache_key(df, spec)}-{seg.meta['onnx_sha256'][:12]}-{spec.size}.npy"
-    if target.exists():
-        arr = np.load(target, mmap_mode="r")
-        if arr.shape == (len(df), spec.size, spec.size):
-            return arr
-    target.parent.mkdir(parents=True, exist_ok=True)
-    out = np.zeros((len(df), spec.size, spec.size), bool)
-    starts: Iterable[int] = range(0, len(df), batch)
-    if progress is not None:
-        starts = progress(starts, len(range(0, len(df), batch)))
-    for i in starts:
-        greys = [load_grey(p) for p in df["abspath"].iloc[i : i + batch]]
-        for j, m in enumerate(seg.masks(greys)):
-            out[i + j] = input_mask(m, spec)
-    save_atomic(target, out)
-    return out
+    mask = lambda g, m: input_mask(m, spec)  # noqa: E731
+    return _segmented_cache("masks", mask, bool, df, spec, cache_dir, segmenter_dir, progress, batch)
 
 
 def composite(
@@ -131,7 +131,7 @@ class CompositeImages(Dataset):
         augment: Callable | None,
     ) -> None:
         self.views, self.labels, self.donors, self.donor_masks = views, labels, donors, donor_masks
-        self.inner = CachedImages(donors, labels, spec, augment, donor_masks)
+        self.spec, self.augment = spec, augment
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,9 +141,11 @@ class CompositeImages(Dataset):
         for _ in range(8):
             k = int(torch.randint(len(self.donors), (1,)))
             donor, donor_mask = np.asarray(self.donors[k]), np.asarray(self.donor_masks[k])
-            made = composite(donor, donor_mask, view, self.inner.spec.lung_margin)
+            made = composite(donor, donor_mask, view, self.spec.lung_margin)
             if made is not None:
-                return self.inner.pair(made[0], torch.from_numpy(made[1])[None], int(self.labels[i]))
+                return masked_item(
+                    made[0], torch.from_numpy(made[1])[None], int(self.labels[i]), self.spec, self.augment
+                )
         raise ValueError(f"no donor with lungs found for extra image {i}")
 
 
