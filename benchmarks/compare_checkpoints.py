@@ -1,14 +1,19 @@
 """Validation metrics of several checkpoints side by side (PyTorch, fp32, decoded cache): which one to ship.
 
-Usage: python benchmarks/compare_checkpoints.py CKPT[:raw][@SIZE[@BORDER]] ... [--manifest runs/data/manifest.csv]
-                                                [--split val] [--border B ...] [--size S ...] [--ensemble]
+Usage: python benchmarks/compare_checkpoints.py CKPT[:raw][@SIZE[@BORDER]] | BUNDLE_DIR ... [--ensemble]
+                                                [--manifest runs/data/manifest.csv] [--split val]
+                                                [--border B ...] [--size S ...] [--segmenter DIR]
 
 A Lightning checkpoint of a run with weight EMA holds both the EMA weights (what `load_checkpoint` returns and what
 export ships) and the raw weights; append `:raw` to score the raw ones. `--border` scores each checkpoint with other
 border trims (the test-time crop that `cxr-triage export --border` can ship) and `--size` with other input sizes (a
 net trained on random crops often scores better a little above its training size). `CKPT@SIZE@BORDER` names one view
 directly. `--ensemble` adds a row for the mean probabilities of every combination of the views scored (test-time
-augmentation / model ensembles). Only the validation split is used.
+augmentation / model ensembles). An exported bundle directory (e.g. the shipped `src/cxr_triage/assets/model`, which
+has no PyTorch checkpoint) is scored through onnxruntime at its own preprocessing, so that networks with different
+inputs (a whole-image bundle and a lung-view checkpoint) can be mixed. `--segmenter` scores lung-view checkpoints
+through another lung segmenter than the one they were trained with (e.g. the shipped one). Only the validation split
+is used unless `--split` says otherwise.
 """
 
 from __future__ import annotations
@@ -51,6 +56,20 @@ def view_probs(
     return softmax(logits)
 
 
+def bundle_probs(bundle: Path, df: pd.DataFrame, cache_dir: Path) -> np.ndarray:
+    """Softmax of an exported whole-image bundle's logits (onnxruntime, uncalibrated like the checkpoints' rows)."""
+    from cxr_triage.runtime.engine import Engine
+
+    engine = Engine(bundle)
+    if engine.spec.lungs != "none":
+        raise SystemExit(f"{bundle}: lung-view bundles are scored from their checkpoint")
+    images = build_cache(df, engine.spec, cache_dir)
+    logits = np.concatenate(
+        [engine.forward(normalise(np.asarray(images[i : i + 64]), engine.spec))[0] for i in range(0, len(df), 64)]
+    )
+    return softmax(logits)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
@@ -59,6 +78,8 @@ def main() -> None:
     ap.add_argument("--border", type=float, nargs="*", default=[], help="border trims to try (default: as trained)")
     ap.add_argument("--size", type=int, nargs="*", default=[], help="input sizes to try (default: as trained)")
     ap.add_argument("--ensemble", action="store_true", help="also score the mean probabilities of every set of views")
+    ap.add_argument("--segmenter", default=None, help="lung segmenter bundle for lung-view checkpoints")
+    ap.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="decoded images for bundle views")
     a = ap.parse_args()
     df = load_manifest(a.manifest)
     part = df[df["split"] == a.split].reset_index(drop=True)
@@ -75,6 +96,10 @@ def main() -> None:
     print("|---" * (3 + len(CLASS_IDS)) + "|")
     views: dict[str, np.ndarray] = {}
     for item in a.checkpoints:
+        if Path(item).is_dir():
+            views[item] = bundle_probs(Path(item), part, a.cache_dir)
+            row(item, views[item])
+            continue
         ckpt, *view = item.split("@")
         path, _, mode = ckpt.partition(":")
         model, cfg, spec = load_checkpoint(Path(path), raw=mode == "raw")
@@ -83,7 +108,8 @@ def main() -> None:
         for size, border in itertools.product(sizes, borders):
             name = f"{ckpt} @ {size} @ {border:g}"
             spec_v = dataclasses.replace(spec, size=size, border=border)
-            views[name] = view_probs(model, spec_v, part, Path(cfg["data"]["cache_dir"]), cfg["data"].get("segmenter"))
+            segmenter = a.segmenter or cfg["data"].get("segmenter")
+            views[name] = view_probs(model, spec_v, part, Path(cfg["data"]["cache_dir"]), segmenter)
             row(name, views[name])
     if a.ensemble:
         for r in range(2, len(views) + 1):

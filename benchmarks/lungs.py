@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import cpu_model, interleaved, summary  # noqa: E402
 
-LUNG_CODES = ("no_lungs", "one_lung", "lung_area")
+LUNG_CODES = ("no_lungs", "lung_layout", "one_lung", "lung_area")
 
 from cxr_triage.core.preprocess import normalise  # noqa: E402
 from cxr_triage.runtime.engine import Engine  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from cxr_triage.core.lungs import (
     lung_view,
 )
 from cxr_triage.core.preprocess import PreprocessSpec
+from cxr_triage.runtime import i18n
 from cxr_triage.training.datasets import RandomLungHoles
 from cxr_triage.training.lungcache import masked_extra_view
 from cxr_triage.training.segdata import find_pairs, patient_group, split_pairs
@@ -126,6 +128,9 @@ def test_train_and_export(seg_bundle):
     assert held["all"]["dice_mean"] > 0.7  # the shapes are easy: a segmenter that learned nothing scores ~0.3
     on_disk = json.loads((bundle / "model.json").read_text())
     assert on_disk["onnx_sha256"] == meta["onnx_sha256"]
+    atlas = np.asarray(on_disk["atlas"])  # where the training masks put lungs: two side blobs, not the middle
+    assert atlas.shape == (32, 32) and 0 <= atlas.min() and atlas.max() <= 1
+    assert atlas[:, 8:12].mean() > 2 * atlas[:, 15:17].mean()
 
 
 def test_segment_cli(seg_bundle, tmp_path):
@@ -160,6 +165,7 @@ def test_segment_cli(seg_bundle, tmp_path):
         assert set(np.unique(mask)) <= {0, 255}
         assert abs(float(row["lung_area_fraction"]) - (mask > 0).mean()) < 1e-3
         assert row["left_found"] == "True" and row["right_found"] == "True"
+        assert row["lung_fields"] == "2" and 0.3 < float(row["lung_layout"]) <= 1  # two lungs where the atlas has them
 
 
 def test_clean_mask_keeps_two_lungs_and_fills_holes():
@@ -205,6 +211,53 @@ def test_lung_gate():
     assert decide(LungStats(0.3, True, True)) == "accept"
 
 
+def test_lung_layout_gate():
+    """Lung fields away from where the atlas has lungs are rejected; a single field needs the higher limit."""
+    from cxr_triage.core.lungs import atlas_overlap, lung_atlas
+    from cxr_triage.runtime.reasons import decision_of, lung_findings
+
+    rng = np.random.default_rng(4)
+    masks = [chest(int(rng.integers(90, 130)), int(rng.integers(90, 130)), rng)[1] for _ in range(12)]
+    atlas = lung_atlas(masks)
+    usual = chest(100, 100, rng)[1]
+    assert lung_stats(usual, atlas).fields == 2 and lung_stats(usual, atlas).layout > 0.7
+    shifted = np.zeros((100, 100), bool)
+    shifted[70:98, 5:95] = True  # one band along the bottom: a 'lung field' where no lung is
+    st = lung_stats(shifted, atlas)
+    assert st.fields == 1 and st.layout < 0.3 and st.both_found
+    assert atlas_overlap(np.zeros((100, 100), bool), atlas) == 0.0
+
+    def gate(stats: LungStats) -> list[str]:
+        return [f.code for f in lung_findings(stats, 0.03, 0.65, 0.15, 0.45)]
+
+    assert gate(st) == ["lung_layout"] and decision_of(lung_findings(st, 0.03, 0.65, 0.15, 0.45)) == "rejected"
+    assert gate(LungStats(0.3, True, True, fields=2, layout=0.3)) == []  # two fields: the lower limit
+    assert gate(LungStats(0.3, True, True, fields=1, layout=0.3)) == ["lung_layout"]  # one field: the higher
+    assert gate(LungStats(0.3, True, True, fields=1, layout=None)) == []  # no atlas: no layout check
+    assert gate(LungStats(0.3, True, True, fields=1, layout=0.3))[0] in i18n.REASONS
+
+
+def test_atlas_in_the_segmenter_bundle_is_checked(seg_bundle, tmp_path):
+    from cxr_triage.runtime.engine import BundleError
+    from cxr_triage.runtime.segment import LungSegmenter
+
+    bundle = seg_bundle[0]
+    assert LungSegmenter(bundle).atlas.shape == (32, 32)
+    for bad in ([[2.0, 0.0], [0.0, 0.0]], [1, 2, 3], "x", [[0.0]]):
+        copy = tmp_path / f"b{len(str(bad))}"
+        shutil.copytree(bundle, copy)
+        meta = json.loads((copy / "model.json").read_text())
+        (copy / "model.json").write_text(json.dumps(meta | {"atlas": bad}))
+        with pytest.raises(BundleError, match="atlas"):
+            LungSegmenter(copy)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta.pop("atlas")
+    (tmp_path / "old").mkdir()
+    shutil.copy(bundle / "model.onnx", tmp_path / "old" / "model.onnx")
+    (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
+    assert LungSegmenter(tmp_path / "old").atlas is None  # bundles made before the atlas: no layout check
+
+
 def test_masked_extra_view_inverts_back():
     rng = np.random.default_rng(1)
     grey, mask = chest(120, 120, rng)
@@ -244,6 +297,12 @@ def test_whole_image_bundle_with_segmenter(smoke_run, seg_bundle, tmp_path):
     assert rows[1].decision == "rejected" and rows[1].label is None
     assert any(r.code == "no_lungs" and "no lung fields" in r.text for r in rows[1].reasons)
     assert rows[1].heatmap is None
+    assert "lung_layout" not in [r.code for r in rows[0].reasons]
+    gate = engine.meta.get("lung_gate") or {}
+    engine.meta["lung_gate"] = {**gate, "min_layout": 0.999}  # no chest's lungs overlap the atlas that well
+    moved = predict_arrays(engine, [chest_img], lang="ko")[0]
+    assert moved.decision == "rejected" and moved.reasons[0].code == "lung_layout"
+    assert "폐 위치" in moved.reasons[0].text
     mask = engine.segmenter.masks([chest_img])[0]
     heat = overlay(chest_img, np.ones((4, 4), np.float32), engine.spec, lungs=mask)
     assert heat.shape == (110, 100, 3)

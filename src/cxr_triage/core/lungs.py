@@ -5,10 +5,13 @@ A lung mask here is a 2-D bool array over an image (any size). The segmenter's r
 ``lung_view`` turns (grey image, mask) into the classifier's square input for ``PreprocessSpec.lungs`` =
 ``crop`` (the lungs' bounding box plus a margin) or ``mask`` (the same, zero outside the mask, the lung
 intensities equalised inside the mask only, so that the mask's size cannot shift the grey levels).
+``lung_atlas`` / ``atlas_overlap``: where lungs usually are (the mean of the segmenter's training masks on a coarse
+grid) and how much a mask overlaps it: the lung gate's layout check.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,17 +21,22 @@ from scipy import ndimage
 from cxr_triage.core.preprocess import PreprocessSpec, square
 
 MIN_LUNG_FRACTION = 0.02  # a lung component smaller than this share of the image is noise
-# lung area share outside which predict rejects / abstains (validation split: 0.057 to 0.52, see RESULTS.md)
-LUNG_GATE = {"min_area": 0.03, "max_area": 0.65}
+# lung area share outside which predict rejects / abstains (validation split: 0.061 to 0.60, see RESULTS.md); the
+# layout overlap below which it rejects, for two or more lung fields / one single field (validation: >= 0.19 / >= 0.50)
+LUNG_GATE = {"min_area": 0.03, "max_area": 0.65, "min_layout": 0.15, "min_layout_one_field": 0.45}
+ATLAS_SIDE = 32  # the lung atlas grid (32 x 32 cells over the segmenter's square)
 
 
 @dataclass(frozen=True)
 class LungStats:
-    """What a mask says about the image: lung area share and whether each side holds a lung."""
+    """What a mask says about the image: lung area share, whether each side holds a lung, how many separate lung
+    fields (connected components) it has and, given an atlas, its overlap with where lungs usually are."""
 
     area_fraction: float
     left_found: bool  # the patient's left lung: the image's right half (radiological convention)
     right_found: bool
+    fields: int = 2
+    layout: float | None = None  # atlas_overlap, None without an atlas
 
     @property
     def both_found(self) -> bool:
@@ -63,8 +71,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | hole[bg]
 
 
-def lung_stats(mask: np.ndarray) -> LungStats:
-    """Area share and per-side presence (a side counts when it holds >= MIN_LUNG_FRACTION / 2 of the image)."""
+def lung_stats(mask: np.ndarray, atlas: np.ndarray | None = None) -> LungStats:
+    """Area share, per-side presence (a side counts when it holds >= MIN_LUNG_FRACTION / 2 of the image), the
+    number of lung fields and, with an ``atlas``, the layout overlap."""
     mask = np.asarray(mask, bool)
     h, w = mask.shape
     half = w // 2
@@ -73,7 +82,31 @@ def lung_stats(mask: np.ndarray) -> LungStats:
         area_fraction=float(mask.mean()),
         right_found=bool(mask[:, :half].sum() >= need),
         left_found=bool(mask[:, half:].sum() >= need),
+        fields=int(ndimage.label(mask)[1]),
+        layout=atlas_overlap(mask, atlas) if atlas is not None else None,
     )
+
+
+def coarse(mask: np.ndarray, side: int = ATLAS_SIDE) -> np.ndarray:
+    """A mask's share of lung per cell of a side x side grid over it (float32 in [0, 1])."""
+    im = Image.fromarray(np.asarray(mask, np.uint8) * 255)
+    return np.asarray(im.resize((side, side), Image.Resampling.BOX), np.float32) / 255
+
+
+def lung_atlas(masks: Iterable[np.ndarray], side: int = ATLAS_SIDE) -> np.ndarray:
+    """Where lungs usually are: the mean of ``coarse`` masks (each over its own image, so any size)."""
+    grids = [coarse(m, side) for m in masks]
+    if not grids:
+        raise ValueError("a lung atlas needs at least one mask")
+    return np.mean(grids, axis=0).astype(np.float32)
+
+
+def atlas_overlap(mask: np.ndarray, atlas: np.ndarray) -> float:
+    """Soft Dice between a mask (on the coarse grid) and the atlas: about 0.7 for a frontal chest X-ray's two lungs,
+    low when the 'lungs' found are somewhere else (a photograph, a drawing)."""
+    grid = coarse(mask, atlas.shape[0])
+    total = float(grid.sum() + atlas.sum())
+    return 2 * float((grid * atlas).sum()) / total if total > 0 else 0.0
 
 
 def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -72,10 +72,13 @@ class SegmenterRef(_Section):
 
 
 class LungGate(_Section):
-    """Lung area share (of the image) below which an input is 'rejected', above which 'uncertain'."""
+    """Lung area share (of the image) below which an input is 'rejected', above which 'uncertain'; the lung layout
+    (overlap with the segmenter's atlas) below which it is 'rejected' (two or more fields / one single field)."""
 
     min_area: Unit = LUNG_GATE["min_area"]
     max_area: Unit = LUNG_GATE["max_area"]
+    min_layout: Unit | None = LUNG_GATE["min_layout"]
+    min_layout_one_field: Unit | None = LUNG_GATE["min_layout_one_field"]
 
 
 class BundleMeta(_Section):

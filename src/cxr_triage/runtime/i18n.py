@@ -80,6 +80,12 @@ REASONS: dict[str, dict[str, str]] = {
         "en": _UNLIKE["en"] + "no lung fields were found (lung area {value} of the image, limit {limit})",
         "ko": _UNLIKE["ko"] + "폐 영역을 찾지 못했습니다 (폐 면적 비율 {value}, 한계 {limit})",
     },
+    "lung_layout": {
+        "en": _UNLIKE["en"] + "the lung fields found are not where a chest X-ray's lungs are "
+        "(overlap with the usual lung position {value}, limit {limit})",
+        "ko": _UNLIKE["ko"] + "찾은 폐 영역이 흉부 X선의 폐 위치와 다릅니다 "
+        "(일반적인 폐 위치와의 겹침 {value}, 한계 {limit})",
+    },
     "one_lung": {
         "en": "only one lung field was found",
         "ko": "한쪽 폐 영역만 찾았습니다",
@@ -119,6 +125,7 @@ _DECIMALS = {
     "unfamiliar_layout": 3,
     "colour": 2,
     "no_lungs": 3,
+    "lung_layout": 2,
     "lung_area": 2,
 }
 

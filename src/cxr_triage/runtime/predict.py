@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_triage.core.lungs import LUNG_GATE, lung_attention, lung_stats, outline, resize_mask, view_box
+from cxr_triage.core.lungs import LUNG_GATE, lung_attention, outline, resize_mask, view_box
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, model_square, normalise, square
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.inputs import scan_inputs
@@ -170,7 +170,8 @@ def predict_arrays(
         cam = engine.cam(out.features[i], k) if small is not None or heatmaps else None
         extra: dict = {}
         if small is not None:
-            found = lung_findings(lung_stats(small[i]), gate["min_area"], gate["max_area"]) + found
+            stats = seg.stats(small[i])
+            found = lung_findings(stats, **{k: gate.get(k) for k in LUNG_GATE}) + found
             extra["lung_attention"] = round(lung_attention(cam, seg.in_input(small[i], grey.shape, engine.spec)), 3)
         pred = Prediction.answer(paths[i], probs, found, float(out.ood[i]), model, lang, **extra)
         if heatmaps and pred.decision != "rejected":

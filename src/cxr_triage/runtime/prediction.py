@@ -30,6 +30,7 @@ ReasonCode = Literal[
     "unfamiliar_layout",
     "colour",
     "no_lungs",
+    "lung_layout",
     "one_lung",
     "lung_area",
     "unreadable",

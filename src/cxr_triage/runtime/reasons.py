@@ -50,11 +50,22 @@ def findings(
     return [Finding(LOW_CONFIDENCE, float(confidence), cut)] if confidence < cut else []
 
 
-def lung_findings(stats: LungStats, min_area: float, max_area: float) -> list[Finding]:
-    """The lung gate as findings: no lung field ('no_lungs': rejected), one lung only or an implausible lung area
-    ('one_lung', 'lung_area': uncertain)."""
+def lung_findings(
+    stats: LungStats,
+    min_area: float,
+    max_area: float,
+    min_layout: float | None = None,
+    min_layout_one_field: float | None = None,
+) -> list[Finding]:
+    """The lung gate as findings: no lung field ('no_lungs': rejected); lung fields away from where a chest X-ray's
+    lungs are ('lung_layout': rejected; ``stats.layout`` below ``min_layout``, or below ``min_layout_one_field``
+    when the mask is one single field); one lung only or an implausible lung area ('one_lung', 'lung_area':
+    uncertain)."""
     if stats.area_fraction < min_area or not (stats.left_found or stats.right_found):
         return [Finding("no_lungs", stats.area_fraction, min_area)]
+    limit = min_layout_one_field if stats.fields < 2 else min_layout
+    if stats.layout is not None and limit is not None and stats.layout < limit:
+        return [Finding("lung_layout", stats.layout, limit)]
     if not stats.both_found:
         return [Finding("one_lung", 1.0, 2.0)]
     if stats.area_fraction > max_area:
@@ -63,8 +74,8 @@ def lung_findings(stats: LungStats, min_area: float, max_area: float) -> list[Fi
 
 
 def decision_of(found: list[Finding]) -> str:
-    """'rejected' if a rejection gate failed (network features, layout, colour, no lungs), 'uncertain' for low
-    confidence or a doubtful lung field, else 'accept'."""
+    """'rejected' if a rejection gate failed (network features, layout, colour, no lungs, lung layout), 'uncertain'
+    for low confidence or a doubtful lung field, else 'accept'."""
     if any(f.code not in UNCERTAIN_CODES for f in found):
         return "rejected"
     return "uncertain" if found else "accept"

@@ -1,7 +1,8 @@
 """Lung masks with onnxruntime (no torch): the segmenter bundle, batch inference, ``cxr-triage segment`` rows.
 
 A segmenter bundle is a folder: ``model.onnx`` (input ``input`` (N, 1, S, S), output ``logits`` (N, 1, S, S)) and
-``model.json`` (format, preprocessing spec, metrics, sha256 of the graph). The shipped one is ``assets/lungs``.
+``model.json`` (format, preprocessing spec, metrics, sha256 of the graph and, since session 6, the lung atlas: the
+mean of its training masks on a 32 x 32 grid). The shipped one is ``assets/model/lungs``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from cxr_triage.runtime.bundle import read_bundle_meta, write_meta
 from cxr_triage.runtime.engine import BundleError, sha256_file
 
 SEG_BUNDLE_FORMAT = "cxr-triage-segmenter/1"
-SEGMENT_COLUMNS = ["path", "lung_area_fraction", "left_found", "right_found", "mask_path", "error"]
+SEG_CHUNK = 4  # images per segmenter run
+SEGMENT_COLUMNS = [
+    "path",
+    "lung_area_fraction",
+    "left_found",
+    "right_found",
+    "lung_fields",
+    "lung_layout",
+    "mask_path",
+    "error",
+]
 
 
 def default_segmenter_dir() -> Path:
@@ -51,6 +62,20 @@ def read_segmenter_meta(bundle_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def read_atlas(meta: dict[str, Any], where: Path) -> np.ndarray | None:
+    """The segmenter's lung atlas (model.json "atlas": a square grid of lung shares in [0, 1]) or None."""
+    if "atlas" not in meta:
+        return None
+    try:
+        atlas = np.asarray(meta["atlas"], np.float32)
+    except (TypeError, ValueError):
+        atlas = np.zeros(0, np.float32)
+    square_grid = atlas.ndim == 2 and atlas.shape[0] == atlas.shape[1] > 0
+    if not square_grid or not np.isfinite(atlas).all() or atlas.min() < 0 or atlas.max() > 1 or atlas.sum() == 0:
+        raise BundleError(f"{where}/model.json: 'atlas' must be a square grid of lung shares in [0, 1]")
+    return atlas
+
+
 class LungSegmenter:
     """An onnxruntime session over a segmenter bundle: grey images -> cleaned lung masks at their own size."""
 
@@ -64,6 +89,7 @@ class LungSegmenter:
         opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.atlas = read_atlas(self.meta, self.dir)  # where lungs usually are (None for bundles made before it)
 
     @property
     def info(self) -> dict[str, str]:
@@ -74,8 +100,13 @@ class LungSegmenter:
         }
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw lung logits (N, S, S) for a float32 batch (N, 1, S, S)."""
-        return self.session.run(["logits"], {"input": np.ascontiguousarray(x, np.float32)})[0][:, 0]
+        """Raw lung logits (N, S, S) for a float32 batch (N, 1, S, S), run SEG_CHUNK images at a time (this small
+        network's activations for a whole predict batch outgrow the CPU caches: 1.55 vs 1.9 ms an image at 4 vs 32)."""
+        x = np.ascontiguousarray(x, np.float32)
+        if len(x) == 0:
+            return np.zeros((0, *x.shape[2:]), np.float32)
+        parts = [self.session.run(["logits"], {"input": x[i : i + SEG_CHUNK]})[0] for i in range(0, len(x), SEG_CHUNK)]
+        return np.concatenate(parts)[:, 0]
 
     def square_masks(self, squares: list[np.ndarray]) -> list[np.ndarray]:
         """Cleaned masks (bool, S x S) for uint8 squares already made with this segmenter's spec."""
@@ -83,6 +114,10 @@ class LungSegmenter:
             return []
         raw = self.logits(normalise(np.stack(squares), self.spec)) > 0
         return [clean_mask(m) for m in raw]
+
+    def stats(self, small: np.ndarray) -> LungStats:
+        """``lung_stats`` of a mask at this network's square size, with the layout overlap when there is an atlas."""
+        return lung_stats(small, self.atlas)
 
     def masks(self, greys: list[np.ndarray]) -> list[np.ndarray]:
         """Cleaned lung masks (bool) at each grey image's own height x width."""
@@ -172,7 +207,7 @@ def segment_paths(seg: LungSegmenter, paths: list[str], out_dir: Path) -> Iterat
         mask = seg.masks([grey])[0]
         target = out_dir / _mask_name(path, taken)
         Image.fromarray(mask.astype(np.uint8) * 255).save(target)
-        yield segment_row(path, lung_stats(mask), str(target), "")
+        yield segment_row(path, lung_stats(mask, seg.atlas), str(target), "")  # the statistics of the mask written
 
 
 def segment_row(path: str, stats: LungStats | None, mask_path: str, error: str) -> dict[str, Any]:
@@ -182,6 +217,8 @@ def segment_row(path: str, stats: LungStats | None, mask_path: str, error: str) 
         "lung_area_fraction": round(stats.area_fraction, 4) if stats else "",
         "left_found": stats.left_found if stats else "",
         "right_found": stats.right_found if stats else "",
+        "lung_fields": stats.fields if stats else "",
+        "lung_layout": round(stats.layout, 4) if stats and stats.layout is not None else "",
         "mask_path": mask_path,
         "error": error,
     }

@@ -6,6 +6,7 @@ image's own size, after the same clean-up ``predict`` applies (two largest compo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -17,7 +18,8 @@ import pandas as pd
 import torch
 
 from cxr_triage import __version__
-from cxr_triage.core.preprocess import load_grey, normalise, square
+from cxr_triage.core.lungs import ATLAS_SIDE, input_mask, lung_atlas
+from cxr_triage.core.preprocess import PreprocessSpec, load_grey, normalise, square
 from cxr_triage.data.manifest import atomic_dir
 from cxr_triage.runtime.engine import sha256_file
 from cxr_triage.runtime.segment import SEG_BUNDLE_FORMAT, LungSegmenter
@@ -74,6 +76,13 @@ def summarise_scores(scores: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def training_atlas(pairs: pd.DataFrame, spec: PreprocessSpec) -> np.ndarray:
+    """The lung atlas of a segmenter: its training masks, brought to its square like its inputs, averaged on the
+    coarse grid (``core.lungs.lung_atlas``)."""
+    geometry = dataclasses.replace(spec, lungs="none")
+    return lung_atlas(input_mask(load_mask(m), geometry) for m in pairs["mask"])
+
+
 def export_segmenter(ckpt: Path, out_dir: Path, quantize: str = "int8") -> dict[str, Any]:
     """Write a verified segmenter bundle to ``out_dir``; returns its model.json content."""
     model, cfg, spec = load_segmenter(ckpt)
@@ -104,6 +113,9 @@ def export_segmenter(ckpt: Path, out_dir: Path, quantize: str = "int8") -> dict[
             "training": {k: cfg[k] for k in ("name", "seed", "data", "model", "optim") if k in cfg},
             "onnx_sha256": sha256_file(tmp / "model.onnx"),
             "notice": "Trained on NLM (CC BY-NC-SA 4.0 masks) and Cohen et al. data: research use only.",
+            "atlas": np.round(training_atlas(pairs[pairs["split"] == "train"], spec), 3).tolist(),
+            "atlas_from": f"mean of the {int((pairs['split'] == 'train').sum())} training masks, {ATLAS_SIDE} x "
+            f"{ATLAS_SIDE} grid over the segmenter's square",
         }
         (tmp / "model.json").write_text(json.dumps(meta))
         seg = LungSegmenter(tmp)

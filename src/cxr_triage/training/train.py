@@ -34,7 +34,7 @@ from cxr_triage.training.lungcache import (
     build_mask_cache,
     load_extra_masked,
 )
-from cxr_triage.training.model import create_model, load_checkpoint, save_checkpoint
+from cxr_triage.training.model import CheckpointError, create_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,11 @@ class Classifier(L.LightningModule):
         self.model = create_model(
             m["arch"], m.get("pretrained", False), m.get("pretrained_file"), m.get("drop_rate", 0.0)
         ).to(memory_format=torch.channels_last)
-        if m.get("init_from"):
-            state = torch.load(m["init_from"], map_location="cpu", weights_only=True)["state_dict"]
-            self.model.load_state_dict(state)
+        if m.get("init_from"):  # best.pt or a Lightning .ckpt, e.g. a lung-view run's: pre-train, then fine-tune
+            start, start_cfg, _ = load_checkpoint(Path(m["init_from"]))
+            if start_cfg["model"]["arch"] != m["arch"]:
+                raise CheckpointError(f"{m['init_from']} is a {start_cfg['model']['arch']}, not a {m['arch']}")
+            self.model.load_state_dict(start.state_dict())
         # Exponential moving average of the weights (timm): validated, checkpointed and exported instead of the
         # raw weights, which swing from epoch to epoch at this learning rate and batch size.
         self.ema = None
