@@ -306,3 +306,57 @@ def test_export_writes_an_ensemble_of_checkpoints(smoke_run: Path, smoke_manifes
     save_checkpoint(tmp_path / "c.pt", other, cfg, dataclasses.replace(spec, size=spec.size * 2))
     with pytest.raises(CheckpointError, match="other preprocessing"):
         export_bundle([smoke_run / "best.pt", tmp_path / "c.pt"], tmp_path / "bundle2", quantize="none")
+
+
+def test_init_from_a_lightning_checkpoint(smoke_run: Path, smoke_manifest: Path, tmp_path: Path):
+    """Pre-train, then fine-tune: init_from also takes a Lightning .ckpt (e.g. a lung-view run's), same arch only."""
+    from cxr_triage.training.model import CheckpointError, load_checkpoint
+    from cxr_triage.training.train import Classifier
+
+    ckpt = sorted((smoke_run / "checkpoints").glob("*.ckpt"))[0]
+    module = Classifier(smoke_config(tmp_path, smoke_manifest, extra=[f"model.init_from={ckpt}"]))
+    start = load_checkpoint(ckpt)[0].state_dict()
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(v, start[k]), k
+    with pytest.raises(CheckpointError, match="resnet18, not a resnet34"):
+        Classifier(smoke_config(tmp_path, smoke_manifest, extra=[f"model.init_from={ckpt}", "model.arch=resnet34"]))
+
+
+def test_distillation_teacher_and_loss(smoke_run: Path, smoke_bundle: Path):
+    import torch.nn.functional as F
+
+    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.training.distill import Teacher, distill_loss
+    from cxr_triage.training.model import CheckpointError, load_checkpoint
+
+    teacher = Teacher([str(smoke_run / "best.pt"), str(smoke_bundle)], size=64)
+    x = torch.randn(3, 1, 64, 64)
+    p = teacher.probs(x, 2.0)
+    net = load_checkpoint(smoke_run / "best.pt")[0]
+    by_hand = (
+        F.softmax(net(x) / 2.0, 1) + F.softmax(torch.from_numpy(Engine(smoke_bundle).forward(x.numpy())[0]) / 2.0, 1)
+    ) / 2
+    assert p.shape == (3, 4) and torch.allclose(p.sum(1), torch.ones(3))
+    assert torch.allclose(p, by_hand, atol=1e-4)  # mean of the members' softened probabilities
+    with pytest.raises(CheckpointError, match="at 96 px"):
+        Teacher([str(smoke_run / "best.pt")], size=96)
+    with pytest.raises(ValueError, match="at least one"):
+        Teacher([], size=64)
+    z = torch.randn(5, 4)
+    assert distill_loss(z, F.softmax(z / 2.0, 1), 2.0).item() == pytest.approx(0.0, abs=1e-5)  # already agrees
+    assert distill_loss(z, F.softmax(-z / 2.0, 1), 2.0).item() > 0.1
+
+
+def test_distilled_training_run(smoke_run: Path, smoke_bundle: Path, smoke_manifest: Path, tmp_path: Path):
+    """A seconds-long run that learns from a teacher (a checkpoint and a bundle): it trains, logs the distillation
+    loss and the agreement with the teacher, and refuses to combine distillation with lung guidance."""
+    from cxr_triage.training.train import Classifier, train
+
+    teachers = f"distill.teachers=[{smoke_run / 'best.pt'}, {smoke_bundle}]"
+    cfg = smoke_config(tmp_path, smoke_manifest, name="kd", extra=[teachers, "trainer.max_epochs=1"])
+    run = train(cfg)
+    assert (run / "best.pt").exists()
+    logged = pd.concat(pd.read_csv(f) for f in run.rglob("metrics.csv"))
+    assert logged["train/distill"].notna().any() and logged["train/teacher_agreement"].between(0, 1).any()
+    with pytest.raises(ValueError, match="without lung guidance"):
+        Classifier(smoke_config(tmp_path, smoke_manifest, extra=[teachers, "model.seg_weight=0.5"]))

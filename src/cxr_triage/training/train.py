@@ -27,6 +27,7 @@ from cxr_triage.core.classes import CLASS_IDS, NUM_CLASSES
 from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.data.manifest import load_manifest
 from cxr_triage.training.datasets import CachedImages, build_augment, build_cache, label_indices, sample_weights
+from cxr_triage.training.distill import Teacher, agreement, distill_loss
 from cxr_triage.training.lungcache import (
     CompositeImages,
     build_extra_cache,
@@ -91,6 +92,17 @@ class Classifier(L.LightningModule):
             self.seg_head = torch.nn.Conv2d(info["num_chs"], 1, 1)
             self.model.get_submodule(info["module"]).register_forward_hook(self._keep_mid)
         self._mid: torch.Tensor | None = None
+        # Distillation (``distill.teachers``): the loss becomes (1 - w) * cross-entropy + w * KL to the teacher.
+        dist = config.get("distill") or {}
+        self.teacher = None
+        if dist.get("teachers"):
+            if lung_guided(config, PreprocessSpec.from_dict(config["preprocess"])) or (
+                config["preprocess"].get("lungs", "none") != "none"
+            ):
+                raise ValueError("distill.teachers: distillation trains whole-image networks without lung guidance")
+            self.teacher = Teacher(list(dist["teachers"]), int(config["preprocess"]["size"]))
+        self.distill_weight = float(dist.get("weight", 0.5))
+        self.distill_temperature = float(dist.get("temperature", 2.0))
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_f1 = torchmetrics.classification.MulticlassF1Score(NUM_CLASSES, average="none")
 
@@ -114,7 +126,10 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
         x, y, *masks = batch
         if not masks:
-            loss = self.loss(self(x), y)
+            logits = self(x)
+            loss = self.loss(logits, y)
+            if self.teacher is not None:
+                loss = self.distilled(loss, logits, x, len(y))
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
             return loss
         mask = masks[0]
@@ -137,6 +152,14 @@ class Classifier(L.LightningModule):
         self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
+
+    def distilled(self, ce: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+        t = self.teacher.probs(x, self.distill_temperature)
+        kd = distill_loss(logits, t, self.distill_temperature)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/distill", kd, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/teacher_agreement", agreement(logits, t), on_step=False, on_epoch=True, batch_size=n)
+        return (1 - self.distill_weight) * ce + self.distill_weight * kd
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], _: int) -> None:
         x, y, *masks = batch
