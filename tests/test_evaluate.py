@@ -327,3 +327,14 @@ def test_checkpoint_is_exported_then_evaluated(smoke_run: Path, tmp_path: Path, 
     )
     assert m["model"] == str(ckpt) and m["bundle"]["name"].startswith("cxr-triage-")
     assert m["images"] == m["n"] + m["errors"] and (tmp_path / "out" / "report.html").exists()
+
+
+def test_predictions_csv_quotes_cells_that_look_like_formulas(smoke_bundle: Path, tmp_path: Path):
+    """A source or file name from someone else's labels.csv must not run as a spreadsheet formula (OWASP)."""
+    (tmp_path / "x").mkdir()
+    Image.fromarray(class_image("normal", 80, 80, np.random.default_rng(1))).save(tmp_path / "x" / "a.png")
+    (tmp_path / "x" / "labels.csv").write_text('file,label,source\na.png,No finding,"=HYPERLINK(""http://x"")"\n')
+    evaluate(smoke_bundle, tmp_path / "x", out_dir=tmp_path / "out", bootstrap=10)
+    preds = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False)
+    assert preds.loc[0, "origin"] == '\'=HYPERLINK("http://x")'
+    assert preds.loc[0, "true"] == "normal"  # other cells unchanged

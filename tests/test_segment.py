@@ -166,6 +166,17 @@ def test_segment_cli(seg_bundle, tmp_path):
         assert abs(float(row["lung_area_fraction"]) - (mask > 0).mean()) < 1e-3
         assert row["left_found"] == "True" and row["right_found"] == "True"
         assert row["lung_fields"] == "2" and 0.3 < float(row["lung_layout"]) <= 1  # two lungs where the atlas has them
+    # a relative path that starts like a spreadsheet formula is written quoted (OWASP), its mask named as usual
+    shutil.copy(imgs[0], tmp_path / "=1+2.jpg")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_triage.cli", "segment", "=1+2.jpg", "--out", "m2", "--model", str(bundle)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = next(csv.DictReader(open(tmp_path / "m2" / "segment.csv")))
+    assert row["path"] == "'=1+2.jpg" and (tmp_path / "m2" / "=1+2.png").exists()
 
 
 def test_clean_mask_keeps_two_lungs_and_fills_holes():

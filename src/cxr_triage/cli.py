@@ -369,6 +369,7 @@ def segment(
     """Lung masks (0/255 PNG at each input's size) + segment.csv; exit 3 if any input could not be read."""
     import csv
 
+    from cxr_triage.core.safe_text import csv_cell
     from cxr_triage.runtime.engine import BundleError
     from cxr_triage.runtime.segment import SEGMENT_COLUMNS, LungSegmenter, segment_paths
 
@@ -381,7 +382,7 @@ def segment(
     with open(out / "segment.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SEGMENT_COLUMNS, lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)  # paths that look like formulas: quoted
     console.print(f"wrote {len(rows)} masks/rows to {out}")
     if any(r["error"] for r in rows):
         raise typer.Exit(3)

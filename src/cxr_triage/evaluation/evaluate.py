@@ -24,6 +24,7 @@ import pandas as pd
 
 from cxr_triage.core.classes import CLASS_IDS, class_from_name, normalise_name
 from cxr_triage.core.preprocess import ImageReadError, load_grey
+from cxr_triage.core.safe_text import csv_cell
 from cxr_triage.data.manifest import DatasetError, atomic_write_text, find_images, load_manifest, read_origins
 from cxr_triage.evaluation.metrics import LOGIT_COLS, P_COLS, summarise
 from cxr_triage.evaluation.report import attention_gallery, error_gallery, render_report
@@ -328,9 +329,10 @@ def _write(out_dir: Path, preds: pd.DataFrame, metrics: dict[str, Any]) -> None:
         "copy_px",
         *LOGIT_COLS,
     ]
-    atomic_write_text(
-        out_dir / "predictions.csv", preds[cols].to_csv(index=False, float_format="%.6g", lineterminator="\n")
-    )
+    table = preds[cols].copy()
+    for c in table.select_dtypes(include="object").columns:  # text cells that look like formulas get a leading '
+        table[c] = table[c].map(csv_cell)
+    atomic_write_text(out_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
 
