@@ -65,13 +65,14 @@ def read_atlas(meta: dict[str, Any], where: Path) -> np.ndarray | None:
     """The segmenter's lung atlas (model.json "atlas": a square grid of lung shares in [0, 1]) or None."""
     if "atlas" not in meta:
         return None
+    bad = BundleError(f"{where}/model.json: 'atlas' must be a square grid of lung shares in [0, 1]")
     try:
         atlas = np.asarray(meta["atlas"], np.float32)
     except (TypeError, ValueError):
-        atlas = np.zeros(0, np.float32)
+        raise bad from None
     square_grid = atlas.ndim == 2 and atlas.shape[0] == atlas.shape[1] > 0
     if not square_grid or not np.isfinite(atlas).all() or atlas.min() < 0 or atlas.max() > 1 or atlas.sum() == 0:
-        raise BundleError(f"{where}/model.json: 'atlas' must be a square grid of lung shares in [0, 1]")
+        raise bad
     return atlas
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,20 +27,18 @@ class Teacher:
         self.torch_members: list[torch.nn.Module] = []
         self.onnx_members: list = []
         for m in members:
-            path = Path(m)
-            if path.is_dir():
+            if Path(m).is_dir():
                 from cxr_triage.runtime.engine import Engine
 
-                engine = Engine(path)
-                if engine.spec.lungs != "none" or engine.spec.size != size:
-                    raise CheckpointError(f"{m}: a teacher must be a whole-image network at {size} px")
+                engine = Engine(Path(m))
+                spec = engine.spec
                 self.onnx_members.append(engine)
             else:
-                model, _, spec = load_checkpoint(path)
-                if spec.lungs != "none" or spec.size != size:
-                    raise CheckpointError(f"{m}: a teacher must be a whole-image network at {size} px")
+                model, _, spec = load_checkpoint(Path(m))
                 model.requires_grad_(False)
                 self.torch_members.append(model.eval().to(memory_format=torch.channels_last))
+            if spec.lungs != "none" or spec.size != size:
+                raise CheckpointError(f"{m}: a teacher must be a whole-image network at {size} px")
 
     @torch.no_grad()
     def probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,4 +57,4 @@ def distill_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temp
 
 def agreement(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> float:
     """Share of the batch where student and teacher pick the same class (logged while training)."""
-    return float(np.mean((student_logits.argmax(1) == teacher_probs.argmax(1)).cpu().numpy()))
+    return (student_logits.argmax(1) == teacher_probs.argmax(1)).float().mean().item()

@@ -113,7 +113,7 @@ def export_segmenter(ckpt: Path, out_dir: Path, quantize: str = "int8") -> dict[
             "training": {k: cfg[k] for k in ("name", "seed", "data", "model", "optim") if k in cfg},
             "onnx_sha256": sha256_file(tmp / "model.onnx"),
             "notice": "Trained on NLM (CC BY-NC-SA 4.0 masks) and Cohen et al. data: research use only.",
-            "atlas": np.round(training_atlas(pairs[pairs["split"] == "train"], spec), 3).tolist(),
+            "atlas": np.round(training_atlas(pairs[pairs["split"] == "train"], spec).astype(float), 3).tolist(),
             "atlas_from": f"mean of the {int((pairs['split'] == 'train').sum())} training masks, {ATLAS_SIDE} x "
             f"{ATLAS_SIDE} grid over the segmenter's square",
         }

@@ -96,11 +96,10 @@ class Classifier(L.LightningModule):
         dist = config.get("distill") or {}
         self.teacher = None
         if dist.get("teachers"):
-            if lung_guided(config, PreprocessSpec.from_dict(config["preprocess"])) or (
-                config["preprocess"].get("lungs", "none") != "none"
-            ):
+            spec = PreprocessSpec.from_dict(config["preprocess"])
+            if spec.lungs != "none" or lung_guided(config, spec):
                 raise ValueError("distill.teachers: distillation trains whole-image networks without lung guidance")
-            self.teacher = Teacher(list(dist["teachers"]), int(config["preprocess"]["size"]))
+            self.teacher = Teacher(list(dist["teachers"]), spec.size)
         self.distill_weight = float(dist.get("weight", 0.5))
         self.distill_temperature = float(dist.get("temperature", 2.0))
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
