@@ -41,10 +41,9 @@ def measure(engine: Engine, items: list[tuple[str, object]]) -> list[dict[str, o
             colours.append(info.get("colourfulness", 0.0))
         if not greys:
             continue
-        small = lung_masks(engine, greys) or []
+        _, lung_stats = lung_masks(engine, greys) or ([], [])
         preds = predict_arrays(engine, greys, colours=colours)
-        for name, mask, pred in zip(names, small, preds, strict=True):
-            stats = engine.segmenter.stats(mask)
+        for name, stats, pred in zip(names, lung_stats, preds, strict=True):
             rows.append(
                 {
                     "name": name,

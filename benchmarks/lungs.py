@@ -38,19 +38,22 @@ def latency(engine: Engine, runs: int) -> dict[str, dict[str, float]]:
     return {k: summary(v) for k, v in times.items()}
 
 
-def throughput(engine: Engine, files: list[str], rounds: int = 3) -> dict[str, float]:
+def throughput(engine: Engine, files: list[str], rounds: int = 5) -> dict[str, object]:
+    """Median img/s of ``predict_paths`` with and without the segmenter: one warm-up pass of each first, then
+    ``rounds`` rounds, each mode leading every other round (this machine drifts by 10-20 % between passes)."""
     seg = engine.segmenter
     out: dict[str, list[float]] = {"with segmenter": [], "without segmenter": []}
-    for _ in range(rounds):
-        for name in out:
+    for r in range(rounds + 1):
+        for name in out if r % 2 else reversed(out):
             engine.segmenter = seg if name == "with segmenter" else None
             t0 = time.perf_counter()
-            n = sum(1 for _ in predict_paths(engine, files, batch_size=32))
-            out[name].append(n / (time.perf_counter() - t0))
+            n = sum(1 for _ in predict_paths(engine, files if r else files[:64], batch_size=32))
+            if r:
+                out[name].append(n / (time.perf_counter() - t0))
     engine.segmenter = seg
-    res = {k: statistics.median(v) for k, v in out.items()}
-    res["drop"] = 1 - res["with segmenter"] / res["without segmenter"]
-    return res
+    med = {k: statistics.median(v) for k, v in out.items()}
+    drop = 1 - med["with segmenter"] / med["without segmenter"]
+    return {**med, "drop": drop, "rounds": {k: [round(x, 1) for x in v] for k, v in out.items()}}
 
 
 def cold_start(bundle: Path, image: str, runs: int = 7) -> float:

@@ -133,6 +133,29 @@ def test_train_and_export(seg_bundle):
     assert atlas[:, 8:12].mean() > 2 * atlas[:, 15:17].mean()
 
 
+def test_export_writes_prelu_as_fusable_leaky_relu(seg_bundle):
+    """MONAI's one-slope PReLUs are exported as the LeakyReLU they equal (onnxruntime fuses those into the
+    convolution): same outputs as the trained network, no PRelu node left in the graph."""
+    import onnx
+
+    from cxr_triage.training.export_seg import fusable
+    from cxr_triage.training.segmenter import load_segmenter
+
+    bundle, _, run, _ = seg_bundle
+    model, _, spec = load_segmenter(run / "best.pt")
+    slopes = [float(m.weight.detach()) for m in model.modules() if isinstance(m, torch.nn.PReLU)]
+    assert slopes and len(set(slopes)) > 1  # trained slopes, each layer its own
+    fused = fusable(model)
+    assert not any(isinstance(m, torch.nn.PReLU) for m in fused.modules())
+    assert sorted(m.negative_slope for m in fused.modules() if isinstance(m, torch.nn.LeakyReLU)) == sorted(slopes)
+    assert any(isinstance(m, torch.nn.PReLU) for m in model.modules())  # the trained network is left as it was
+    x = torch.randn(3, 1, spec.size, spec.size)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+    ops = {n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node}
+    assert "PRelu" not in ops and "LeakyRelu" in ops
+
+
 def test_segment_cli(seg_bundle, tmp_path):
     bundle, _, _, pairs = seg_bundle
     imgs = sorted((pairs / "images").iterdir())[:3]
@@ -362,12 +385,44 @@ def test_lung_view_classifier_with_extra_set(smoke_manifest, seg_bundle, tmp_pat
 def test_fill_holes_matches_scipy():
     from scipy import ndimage
 
-    from cxr_triage.core.lungs import fill_holes
+    from cxr_triage.core.lungs import cleaned, fill_holes
 
     rng = np.random.default_rng(4)
     for _ in range(30):
         m = ndimage.binary_opening(rng.random((64, 80)) > 0.5)
         assert (fill_holes(m) == ndimage.binary_fill_holes(m)).all()
+        c, fields = cleaned(m)  # the clean-up's own field count is the labelling of its result
+        assert (c == clean_mask(m)).all() and fields == ndimage.label(c)[1]
+
+
+def test_field_count_when_a_filled_hole_joins_two_fields():
+    """Two fields touching only at corners enclose a hole; filling it joins them into one field."""
+    from scipy import ndimage
+
+    from cxr_triage.core.lungs import cleaned
+
+    m = np.zeros((12, 12), bool)
+    m[2, 2:6] = m[9, 2:6] = m[2:10, 2] = True  # a "C"
+    m[3, 6:10] = m[8, 6:10] = m[3:9, 9] = True  # a reversed "C" touching it at two corners only
+    assert ndimage.label(m)[1] == 2
+    c, fields = cleaned(m)
+    assert c[5, 5] and fields == ndimage.label(c)[1] == 1
+
+
+def test_coarse_grid_and_bilinear_matrix_match_pil():
+    from cxr_triage.core.lungs import bilinear_matrix, coarse
+
+    rng = np.random.default_rng(5)
+    for shape in ((128, 128), (100, 70)):  # block means, and PIL's box filter with fractional cells
+        m = rng.random(shape) > 0.6
+        ref = np.asarray(Image.fromarray(m.astype(np.float32)).resize((32, 32), Image.Resampling.BOX))
+        np.testing.assert_allclose(coarse(m), ref, atol=1e-6)
+    cam = rng.normal(size=(5, 7)).astype(np.float32)
+    ref = np.asarray(Image.fromarray(cam).resize((90, 160), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(bilinear_matrix(5, 160) @ cam @ bilinear_matrix(7, 90).T, ref, atol=1e-5)
+    mask = rng.random((160, 90)) > 0.5
+    pos = np.maximum(ref, 0)
+    assert lung_attention(cam, mask) == pytest.approx(pos[mask].sum() / pos.sum(), abs=1e-5)
 
 
 def test_augment_moves_the_lung_mask_with_the_image():
@@ -483,8 +538,15 @@ def test_lung_mask_in_input_coordinates_without_the_full_size_mask(seg_bundle):
         assert (fast & slow).sum() / (fast | slow).sum() > 0.95
         a, b = lung_stats(small), lung_stats(seg.to_image(small, shape))
         assert abs(a.area_fraction - b.area_fraction) < 0.01 and a.both_found == b.both_found
+        for cam in (rng.normal(size=(5, 5)), np.outer(np.hanning(5), np.hanning(5))):  # attention on the mask's grid
+            full = lung_attention(cam.astype(np.float32), slow)
+            assert abs(seg.attention(cam, small, shape, spec) - full) < 0.01 and 0 < full < 1
     lung_view_spec = PreprocessSpec(size=64, lungs="crop")  # lung views take the full-size path
     assert seg.in_input(small, (512, 512), lung_view_spec).shape == (64, 64)
+    cam = np.ones((4, 4), np.float32)
+    assert seg.attention(cam, small, (512, 512), lung_view_spec) == pytest.approx(
+        seg.in_input(small, (512, 512), lung_view_spec).mean()
+    )
 
 
 def test_seal_swaps_the_segmenter_of_a_whole_image_bundle(smoke_bundle, seg_bundle, tmp_path):

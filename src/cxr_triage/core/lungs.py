@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -46,51 +47,71 @@ class LungStats:
 def clean_mask(mask: np.ndarray, keep: int = 2) -> np.ndarray:
     """Keep the ``keep`` largest connected components (each at least MIN_LUNG_FRACTION / 4 of the image), fill
     holes: bool array of the same shape."""
+    return cleaned(mask, keep)[0]
+
+
+def cleaned(mask: np.ndarray, keep: int = 2) -> tuple[np.ndarray, int]:
+    """``clean_mask`` and the number of connected components (lung fields) of the result, known from the clean-up:
+    labelled again only when two kept fields may have been joined by a filled hole."""
     mask = np.asarray(mask, bool)
     labels, n = ndimage.label(mask)
     if n == 0:
-        return mask
+        return mask, 0
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(sizes)[::-1][:keep]
     order = [i for i in order if sizes[i] >= MIN_LUNG_FRACTION / 4 * mask.size]
     keep_label = np.zeros(n + 1, bool)
     keep_label[np.asarray(order, int) + 1] = True
-    return fill_holes(keep_label[labels])
+    out, filled = _fill_holes(keep_label[labels])
+    return out, len(order) if len(order) < 2 or not filled else int(ndimage.label(out)[1])
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Background components that do not touch the border become foreground (one labelling pass; scipy's
     ``binary_fill_holes`` dilates iteratively and is ~10x slower at these sizes)."""
+    return _fill_holes(mask)[0]
+
+
+def _fill_holes(mask: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(``fill_holes(mask)``, whether any hole was filled)."""
+    mask = np.asarray(mask, bool)
     bg, n = ndimage.label(~mask)
     if n == 0:
-        return mask
+        return mask, False
     edge = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
     hole = np.ones(n + 1, bool)
     hole[edge] = False
     hole[0] = False
-    return mask | hole[bg]
+    return (mask | hole[bg], True) if hole.any() else (mask, False)
 
 
-def lung_stats(mask: np.ndarray, atlas: np.ndarray | None = None) -> LungStats:
+def lung_stats(mask: np.ndarray, atlas: np.ndarray | None = None, fields: int | None = None) -> LungStats:
     """Area share, per-side presence (a side counts when it holds >= MIN_LUNG_FRACTION / 2 of the image), the
-    number of lung fields and, with an ``atlas``, the layout overlap."""
+    number of lung fields (counted here unless ``cleaned`` already did) and, with an ``atlas``, the layout
+    overlap."""
     mask = np.asarray(mask, bool)
     h, w = mask.shape
     half = w // 2
     need = MIN_LUNG_FRACTION / 2 * mask.size
     return LungStats(
-        area_fraction=float(mask.mean()),
-        right_found=bool(mask[:, :half].sum() >= need),
-        left_found=bool(mask[:, half:].sum() >= need),
-        fields=int(ndimage.label(mask)[1]),
+        area_fraction=float(np.count_nonzero(mask) / mask.size),
+        right_found=bool(np.count_nonzero(mask[:, :half]) >= need),
+        left_found=bool(np.count_nonzero(mask[:, half:]) >= need),
+        fields=int(ndimage.label(mask)[1]) if fields is None else fields,
         layout=atlas_overlap(mask, atlas) if atlas is not None else None,
     )
 
 
 def coarse(mask: np.ndarray, side: int = ATLAS_SIDE) -> np.ndarray:
-    """A mask's share of lung per cell of a side x side grid over it (float32 in [0, 1])."""
-    im = Image.fromarray(np.asarray(mask, np.uint8) * 255)
-    return np.asarray(im.resize((side, side), Image.Resampling.BOX), np.float32) / 255
+    """A mask's share of lung per cell of a side x side grid over it (float32 in [0, 1]): block means when the
+    grid divides the mask (the segmenter's square), else PIL's box filter (the same means, fractional cells)."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    if h % side == 0 and w % side == 0:  # rows of each cell, then its columns (one multi-axis sum is ~3x slower)
+        rows = mask.view(np.uint8).reshape(side, h // side, w).sum(axis=1)
+        return rows.reshape(side, side, w // side).sum(axis=2).astype(np.float32) / ((h // side) * (w // side))
+    im = Image.fromarray(mask.astype(np.float32))
+    return np.asarray(im.resize((side, side), Image.Resampling.BOX), np.float32)
 
 
 def lung_atlas(masks: Iterable[np.ndarray], side: int = ATLAS_SIDE) -> np.ndarray:
@@ -183,14 +204,24 @@ def input_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return crop_resize(np.asarray(mask, bool), view_box(mask, spec.lung_margin), spec.size)
 
 
+@lru_cache(maxsize=64)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """PIL's bilinear resampling of n_in samples to n_out as an (n_out, n_in) matrix (PIL run on the identity), so
+    that ``bilinear_matrix(h, H) @ a @ bilinear_matrix(w, W).T`` is PIL's float resize of ``a`` (within 1e-6)."""
+    eye = Image.fromarray(np.eye(n_in, dtype=np.float32))
+    return np.asarray(eye.resize((n_in, n_out), Image.Resampling.BILINEAR), np.float32)
+
+
 def lung_attention(cam: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the class-activation mass (cam >= 0, any resolution) that falls inside the lung mask."""
-    cam = np.asarray(cam, np.float32)
+    """Share of the class-activation mass (cam >= 0 after bilinear resizing to the mask's size) that falls inside
+    the lung mask. The resize is PIL's bilinear one written as two small matrix products (``bilinear_matrix``)."""
+    cam, mask = np.asarray(cam, np.float32), np.asarray(mask, bool)
     if cam.shape != mask.shape:
-        cam = np.asarray(Image.fromarray(cam).resize((mask.shape[1], mask.shape[0]), Image.Resampling.BILINEAR))
+        (h, w), (big_h, big_w) = cam.shape, mask.shape
+        cam = bilinear_matrix(h, big_h) @ cam @ bilinear_matrix(w, big_w).T
     cam = np.maximum(cam, 0)
     total = float(cam.sum())
-    return float(cam[np.asarray(mask, bool)].sum() / total) if total > 0 else 0.0
+    return float(cam[mask].sum() / total) if total > 0 else 0.0
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:

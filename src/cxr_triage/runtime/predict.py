@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_triage.core.lungs import LUNG_GATE, lung_attention, outline, resize_mask, view_box
+from cxr_triage.core.lungs import LUNG_GATE, LungStats, outline, resize_mask, view_box
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, model_square, normalise, square
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.inputs import scan_inputs
@@ -122,9 +122,11 @@ def _load(path: str, engine: Engine) -> tuple[np.ndarray, np.ndarray | None, np.
         return f"{path}: cannot read ({type(exc).__name__})"
 
 
-def lung_masks(engine: Engine, greys: list[np.ndarray], seg_squares: list | None = None) -> list[np.ndarray] | None:
-    """Each image's cleaned lung mask at the segmenter's square size (None without a segmenter); the segmenter's
-    ``to_image`` / ``in_input`` bring one to the image or the classifier input."""
+def lung_masks(
+    engine: Engine, greys: list[np.ndarray], seg_squares: list | None = None
+) -> tuple[list[np.ndarray], list[LungStats]] | None:
+    """Each image's cleaned lung mask at the segmenter's square size and its statistics (None without a
+    segmenter); the segmenter's ``to_image`` / ``in_input`` bring a mask to the image or the classifier input."""
     seg = engine.segmenter
     if seg is None:
         return None
@@ -132,7 +134,7 @@ def lung_masks(engine: Engine, greys: list[np.ndarray], seg_squares: list | None
         q if q is not None else square(g, seg.spec)
         for g, q in zip(greys, seg_squares or [None] * len(greys), strict=True)
     ]
-    return seg.square_masks(squares)
+    return seg.square_lungs(squares)
 
 
 def predict_arrays(
@@ -147,7 +149,8 @@ def predict_arrays(
 ) -> list[Prediction]:
     """Predictions for decoded images (grey originals and, optionally, their model-size squares), optionally with
     heatmaps; with a lung segmenter, also lung attention and the lung gate."""
-    small = lung_masks(engine, greys, seg_squares)  # at the segmenter's size: statistics and attention need no more
+    lungs = lung_masks(engine, greys, seg_squares)  # at the segmenter's size: statistics and attention need no more
+    small, stats = lungs if lungs is not None else (None, None)
     seg = engine.segmenter
     full: list[np.ndarray | None] = [None] * len(greys)  # at each image's size: lung views and overlays only
     if small is not None and (engine.spec.lungs != "none" or heatmaps):
@@ -159,6 +162,9 @@ def predict_arrays(
     paths = paths if paths is not None else [""] * len(greys)
     model = ModelInfo(**engine.info)
     gate = {**LUNG_GATE, **(engine.meta.get("lung_gate") or {})}
+    cams: list = [None] * len(greys)  # class-activation maps: for lung attention and heatmaps only
+    if small is not None or heatmaps:
+        cams = [engine.cam(f, int(p.argmax())) for f, p in zip(out.features, out.probs, strict=True)]
     preds = []
     for i, grey in enumerate(greys):
         probs = out.probs[i]
@@ -166,16 +172,13 @@ def predict_arrays(
             preds.append(Prediction.unreadable(paths[i], NON_FINITE, model, lang))
             continue
         found = findings(float(probs.max()), float(out.ood[i]), engine.meta, float(out.pixel[i]), float(colours[i]))
-        k = int(probs.argmax())
-        cam = engine.cam(out.features[i], k) if small is not None or heatmaps else None
         extra: dict = {}
-        if small is not None:
-            stats = seg.stats(small[i])
-            found = lung_findings(stats, **{k: gate.get(k) for k in LUNG_GATE}) + found
-            extra["lung_attention"] = round(lung_attention(cam, seg.in_input(small[i], grey.shape, engine.spec)), 3)
+        if small is not None and stats is not None:
+            found = lung_findings(stats[i], **{k: gate.get(k) for k in LUNG_GATE}) + found
+            extra["lung_attention"] = round(seg.attention(cams[i], small[i], grey.shape, engine.spec), 3)
         pred = Prediction.answer(paths[i], probs, found, float(out.ood[i]), model, lang, **extra)
         if heatmaps and pred.decision != "rejected":
-            heat = overlay(grey, cam, engine.spec, lungs=full[i])
+            heat = overlay(grey, cams[i], engine.spec, lungs=full[i])
             pred = pred.model_copy(update={"heatmap": heat})
         preds.append(pred)
     return preds

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_triage.core.lungs import LungStats, clean_mask, input_mask, lung_stats, resize_mask
+from cxr_triage.core.lungs import LungStats, cleaned, input_mask, lung_attention, lung_stats, resize_mask
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, square
 from cxr_triage.runtime.bundle import read_bundle_meta, write_meta
 from cxr_triage.runtime.engine import BundleError, sha256_file
@@ -105,14 +105,19 @@ class LungSegmenter:
 
     def square_masks(self, squares: list[np.ndarray]) -> list[np.ndarray]:
         """Cleaned masks (bool, S x S) for uint8 squares already made with this segmenter's spec."""
-        if not squares:
-            return []
-        raw = self.logits(normalise(np.stack(squares), self.spec)) > 0
-        return [clean_mask(m) for m in raw]
+        return self.square_lungs(squares)[0]
 
-    def stats(self, small: np.ndarray) -> LungStats:
+    def square_lungs(self, squares: list[np.ndarray]) -> tuple[list[np.ndarray], list[LungStats]]:
+        """``square_masks`` and each mask's ``stats`` (the field count taken from the clean-up)."""
+        if not squares:
+            return [], []
+        raw = self.logits(normalise(np.stack(squares), self.spec)) > 0
+        pairs = [cleaned(m) for m in raw]
+        return [m for m, _ in pairs], [self.stats(m, fields) for m, fields in pairs]
+
+    def stats(self, small: np.ndarray, fields: int | None = None) -> LungStats:
         """``lung_stats`` of a mask at this network's square size, with the layout overlap when there is an atlas."""
-        return lung_stats(small, self.atlas)
+        return lung_stats(small, self.atlas, fields)
 
     def masks(self, greys: list[np.ndarray]) -> list[np.ndarray]:
         """Cleaned lung masks (bool) at each grey image's own height x width."""
@@ -123,14 +128,36 @@ class LungSegmenter:
         """A mask at the network's square size in a whole-image classifier's input coordinates (``spec``) for an
         image of ``shape``: what ``core.lungs.input_mask`` gives for the full-size mask, computed at the network's
         size when both specs stretch (no full-size mask is made; within a pixel of the network's grid)."""
+        box = self._input_box(small.shape, shape, spec)
+        if box is None:
+            return input_mask(self.to_image(small, shape), spec)
+        y0, y1, x0, x1 = box
+        return resize_mask(small[y0:y1, x0:x1], (spec.size, spec.size))
+
+    def attention(self, cam: np.ndarray, small: np.ndarray, shape: tuple[int, int], spec: PreprocessSpec) -> float:
+        """``lung_attention`` of a classifier's activation map (over its input, ``spec``) against a mask at this
+        network's size for an image of ``shape``. When both specs stretch, it is measured on the mask's own grid over
+        the region the classifier sees (the map is resized, the mask is not: the same share within the grids'
+        discretisation, at a fraction of the cost); otherwise through ``in_input``."""
+        box = self._input_box(small.shape, shape, spec)
+        if box is None:
+            return lung_attention(cam, self.in_input(small, shape, spec))
+        y0, y1, x0, x1 = box
+        return lung_attention(cam, small[y0:y1, x0:x1])
+
+    def _input_box(
+        self, grid: tuple[int, int], shape: tuple[int, int], spec: PreprocessSpec
+    ) -> tuple[int, int, int, int] | None:
+        """The region of this network's square (``grid``) that a whole-image classifier's input covers for an image
+        of ``shape``, or None when the two geometries do not map by a crop (lung views, crop/pad rules, a trim)."""
         s = self.spec
         if spec.lungs != "none" or s.resize != "stretch" or spec.resize != "stretch" or s.border != 0:
-            return input_mask(self.to_image(small, shape), spec)
-        (h, w), (sh, sw) = shape, small.shape
+            return None
+        (h, w), (sh, sw) = shape, grid
         dy, dx = round(h * spec.border), round(w * spec.border)
         y0, y1 = round(dy * sh / h), max(round((h - dy) * sh / h), round(dy * sh / h) + 1)
         x0, x1 = round(dx * sw / w), max(round((w - dx) * sw / w), round(dx * sw / w) + 1)
-        return resize_mask(small[y0:y1, x0:x1], (spec.size, spec.size))
+        return y0, y1, x0, x1
 
     def to_image(self, small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """A mask at the network's square size back onto the image (undoing border trim and the square rule)."""
