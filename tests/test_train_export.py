@@ -360,3 +360,53 @@ def test_distilled_training_run(smoke_run: Path, smoke_bundle: Path, smoke_manif
     assert logged["train/distill"].notna().any() and logged["train/teacher_agreement"].between(0, 1).any()
     with pytest.raises(ValueError, match="without lung guidance"):
         Classifier(smoke_config(tmp_path, smoke_manifest, extra=[teachers, "model.seg_weight=0.5"]))
+
+
+def test_self_supervised_pretraining_then_fine_tune(smoke_manifest: Path, tmp_path: Path, shared_dataset):
+    """`pretrain` (SimSiam) learns from unlabelled images only, logs its k-NN probe and collapse monitor per epoch,
+    and writes a checkpoint that a supervised run starts from (`model.init_from`)."""
+    from cxr_triage.training.pretrain import pretrain
+    from cxr_triage.training.train import Classifier
+
+    cfg = smoke_config(
+        tmp_path,
+        smoke_manifest,
+        name="ssl",
+        extra=[
+            "pretrain.epochs=2",
+            "pretrain.batch_size=8",
+            "pretrain.hidden_dim=32",
+            "pretrain.out_dim=32",
+            "pretrain.predictor_dim=8",
+            "pretrain.knn_memory=16",
+            f"pretrain.folders=[{shared_dataset.root}]",
+        ],
+    )
+    start = Classifier(smoke_config(tmp_path, smoke_manifest)).model.state_dict()
+    run = pretrain(cfg)
+    hist = pd.read_csv(run / "history.csv")
+    assert hist["epoch"].tolist() == [0, 1]
+    assert hist["train_loss"].between(-1, 1).all() and (hist["spread"] > 0).all()
+    assert hist["val_knn_acc"].between(0, 1).all()
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    n_pool = int((pd.read_csv(smoke_manifest)["split"] == "train").sum())
+    assert ckpt["extra"]["pretrain"] == "simsiam" and ckpt["extra"]["images"] > n_pool  # + the folder's images
+    module = Classifier(smoke_config(tmp_path, smoke_manifest, extra=[f"model.init_from={run / 'best.pt'}"]))
+    got = module.model.state_dict()
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(got[k], v), k
+    moved = [k for k, v in start.items() if v.is_floating_point() and "fc" not in k and not torch.equal(v, got[k])]
+    assert moved  # the backbone learned something: not the seeded initial weights
+    with pytest.raises(FileExistsError):
+        pretrain(cfg)
+    with pytest.raises(ValueError, match="whole images"):
+        pretrain(smoke_config(tmp_path, smoke_manifest, name="ssl2", extra=["preprocess.lungs=crop"]))
+
+
+def test_knn_probe_votes_by_similarity():
+    from cxr_triage.training.pretrain import knn_accuracy
+
+    memory = torch.eye(4).repeat(5, 1) + 0.01 * torch.randn(20, 4)
+    labels = torch.arange(4).repeat(5)
+    assert knn_accuracy(memory, labels, torch.eye(4), torch.arange(4), k=5) == 1.0
+    assert knn_accuracy(memory, labels, torch.eye(4), torch.tensor([1, 2, 3, 0]), k=5) == 0.0

@@ -173,6 +173,29 @@ def train(
     console.print(f"run: {run_dir}  (best model: {run_dir / 'best.pt'})")
 
 
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Option("--config", help="Training config YAML.")] = Path("configs/default.yaml"),
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Self-supervised pre-training (SimSiam) of the classifier's backbone on unlabelled images; writes
+    runs/<name>/best.pt for `cxr-triage train model.init_from=...`."""
+    with _needs("train", "pretrain"):
+        from cxr_triage.core.config import ConfigError, load_config
+        from cxr_triage.training.pretrain import pretrain as run_pretrain
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        run_dir = run_pretrain(cfg, resume=resume)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"run: {run_dir}  (pre-trained backbone: {run_dir / 'best.pt'})")
+
+
 @app.command("train-seg")
 def train_seg(
     config: Annotated[Path, typer.Option("--config", help="Segmenter config YAML.")] = Path("configs/segment.yaml"),
