@@ -24,6 +24,7 @@ from cxr_triage.runtime.predict import lung_masks, predict_arrays
 
 LAYOUT_LIMITS = (0.10, 0.15, 0.20, 0.25, 0.30)  # candidate limits, two or more lung fields
 ONE_FIELD_LIMITS = (0.35, 0.40, 0.45, 0.50)  # candidate limits, one single field
+VOUCH_LIMITS = (0.45, 0.50, 0.55, 0.60)  # candidate vouch_layout limits (measured with vouching off)
 
 
 def measure(engine: Engine, items: list[tuple[str, object]]) -> list[dict[str, object]]:
@@ -77,6 +78,15 @@ def summary(rows: list[dict[str, object]]) -> dict[str, object]:
         t: sum(1 for r in rows if r["fields"] < 2 and r["layout"] < t and r["decision"] != "rejected")
         for t in ONE_FIELD_LIMITS
     }
+    pixel_only = [r for r in rows if r["reasons"] == ["unfamiliar_layout"] and r["fields"] >= 2]
+    out["rejected by the pixel gate alone, two+ fields: layouts"] = sorted(round(r["layout"], 3) for r in pixel_only)
+    out["no longer rejected, by vouch_layout limit"] = {
+        t: sum(1 for r in pixel_only if r["layout"] >= t) for t in VOUCH_LIMITS
+    }
+    if len(lay[~one]):
+        out["two+ field share at or above each vouch limit"] = {
+            t: round(float((lay[~one] >= t).mean()), 3) for t in VOUCH_LIMITS
+        }
     return out
 
 
@@ -93,6 +103,7 @@ def main() -> None:
     if engine.segmenter is None or engine.segmenter.atlas is None:
         raise SystemExit(f"{a.bundle}: needs a segmenter with a lung atlas (re-export it with `export-seg`)")
     res: dict[str, object] = {"bundle": str(a.bundle), "lung_gate": engine.meta.get("lung_gate")}
+    engine.meta["lung_gate"] = {k: v for k, v in (engine.meta.get("lung_gate") or {}).items() if k != "vouch_layout"}
     if a.manifest:
         from cxr_triage.data.manifest import load_manifest
 

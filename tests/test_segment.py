@@ -245,6 +245,31 @@ def test_lung_gate():
     assert decide(LungStats(0.3, True, True)) == "accept"
 
 
+def test_lungs_vouch_only_for_two_fields_where_a_chest_has_them():
+    """The pixel-layout gate rejects unless the lungs vouch; the feature and colour gates always reject."""
+    from cxr_triage.runtime.reasons import decision_of, findings, lungs_vouch
+
+    gate = {"min_area": 0.03, "max_area": 0.65, "min_layout": 0.15, "min_layout_one_field": 0.45}
+    good = LungStats(0.3, True, True, fields=2, layout=0.62)
+    assert not lungs_vouch(good, gate)  # no vouch_layout in the bundle: never
+    gate["vouch_layout"] = 0.55
+    assert lungs_vouch(good, gate)
+    assert not lungs_vouch(LungStats(0.3, True, True, fields=2, layout=0.5), gate)  # layout under the limit
+    assert not lungs_vouch(LungStats(0.3, True, True, fields=1, layout=0.7), gate)  # one field
+    assert not lungs_vouch(LungStats(0.3, True, False, fields=2, layout=0.7), gate)  # one lung: the lung gate
+    assert not lungs_vouch(LungStats(0.8, True, True, fields=2, layout=0.7), gate)  # implausible area
+    meta = {"ood": {"threshold": 10.0, "pixel_threshold": 0.5, "colour_threshold": 0.08}, "abstain": {"threshold": 0.9}}
+    pixel_only = findings(0.99, 5.0, meta, pixel=0.6)
+    assert [f.code for f in pixel_only] == ["unfamiliar_layout"] and decision_of(pixel_only) == "rejected"
+    vouched = findings(0.99, 5.0, meta, pixel=0.6, lungs_vouch=True)
+    assert [f.code for f in vouched] == ["unusual_framing"] and decision_of(vouched) == "uncertain"
+    unsure = findings(0.5, 5.0, meta, pixel=0.6, lungs_vouch=True)  # the cut-off is checked too
+    assert [f.code for f in unsure] == ["unusual_framing", "low_confidence"] and decision_of(unsure) == "uncertain"
+    far = findings(0.99, 50.0, meta, pixel=0.6, lungs_vouch=True)  # unfamiliar features still reject
+    assert decision_of(far) == "rejected" and [f.code for f in far] == ["unfamiliar_features", "unusual_framing"]
+    assert decision_of(findings(0.99, 5.0, meta, colour=0.3, lungs_vouch=True)) == "rejected"
+
+
 def test_lung_layout_gate():
     """Lung fields away from where the atlas has lungs are rejected; a single field needs the higher limit."""
     from cxr_triage.core.lungs import atlas_overlap, lung_atlas
@@ -337,6 +362,17 @@ def test_whole_image_bundle_with_segmenter(smoke_run, seg_bundle, tmp_path):
     moved = predict_arrays(engine, [chest_img], lang="ko")[0]
     assert moved.decision == "rejected" and moved.reasons[0].code == "lung_layout"
     assert "폐 위치" in moved.reasons[0].text
+    # an unusual thumbnail layout rejects, unless two lung fields where a chest's are vouch for a chest X-ray
+    engine.meta["lung_gate"] = dict(gate)
+    engine.meta["ood"] = {**engine.meta["ood"], "pixel_threshold": 0.0, "threshold": 1e9}
+    layout = engine.segmenter.stats(engine.segmenter.masks([chest_img])[0]).layout
+    assert [r.code for r in predict_arrays(engine, [chest_img])[0].reasons] == ["unfamiliar_layout"]
+    engine.meta["lung_gate"] = {**gate, "vouch_layout": layout - 0.01}
+    vouched = predict_arrays(engine, [chest_img])[0]
+    assert vouched.decision == "uncertain" and vouched.reasons[0].code == "unusual_framing"
+    assert vouched.label is not None and "both lungs were found" in vouched.reasons[0].text
+    engine.meta["lung_gate"] = {**gate, "vouch_layout": layout + 0.01}  # layout under the limit: no vouching
+    assert predict_arrays(engine, [chest_img])[0].decision == "rejected"
     mask = engine.segmenter.masks([chest_img])[0]
     heat = overlay(chest_img, np.ones((4, 4), np.float32), engine.spec, lungs=mask)
     assert heat.shape == (110, 100, 3)

@@ -73,12 +73,14 @@ class SegmenterRef(_Section):
 
 class LungGate(_Section):
     """Lung area share (of the image) below which an input is 'rejected', above which 'uncertain'; the lung layout
-    (overlap with the segmenter's atlas) below which it is 'rejected' (two or more fields / one single field)."""
+    (overlap with the segmenter's atlas) below which it is 'rejected' (two or more fields / one single field), and
+    at or above which two lung fields vouch for a chest X-ray (``reasons.lungs_vouch``; None: never)."""
 
     min_area: Unit = LUNG_GATE["min_area"]
     max_area: Unit = LUNG_GATE["max_area"]
     min_layout: Unit | None = LUNG_GATE["min_layout"]
     min_layout_one_field: Unit | None = LUNG_GATE["min_layout_one_field"]
+    vouch_layout: Unit | None = None  # two lung fields at this layout or more: the pixel-layout gate only abstains
 
 
 class BundleMeta(_Section):

@@ -94,6 +94,12 @@ REASONS: dict[str, dict[str, str]] = {
         "en": "the lung fields cover an implausible share of the image ({value}, limit {limit})",
         "ko": "폐 영역이 영상에서 차지하는 비율이 비정상적입니다 ({value}, 한계 {limit})",
     },
+    "unusual_framing": {
+        "en": "the picture's framing is unusual for a chest X-ray (residual {value}, limit {limit}), though both "
+        "lungs were found where they belong: please check the image",
+        "ko": "영상의 구도가 흉부 X선으로서는 드뭅니다 (잔차 {value}, 한계 {limit}). 두 폐는 제 위치에서 "
+        "확인되었으니 영상을 확인해 주세요",
+    },
     "unreadable": {
         "en": "the file could not be read: {detail}",
         "ko": "파일을 읽을 수 없습니다: {detail}",
@@ -123,6 +129,7 @@ _DECIMALS = {
     "low_confidence": 2,
     "unfamiliar_features": 1,
     "unfamiliar_layout": 3,
+    "unusual_framing": 3,
     "colour": 2,
     "no_lungs": 3,
     "lung_layout": 2,

@@ -18,7 +18,7 @@ from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.inputs import scan_inputs
 from cxr_triage.runtime.prediction import ModelInfo, Prediction, png_bytes
-from cxr_triage.runtime.reasons import findings, lung_findings
+from cxr_triage.runtime.reasons import LUNG_GATE_KEYS, findings, lung_findings, lungs_vouch
 
 log = logging.getLogger(__name__)
 __all__ = ["collect_inputs", "overlay", "png_bytes", "predict_arrays", "predict_bytes", "predict_grey", "predict_paths"]
@@ -171,10 +171,12 @@ def predict_arrays(
         if out.decisions[i] == "error":  # non-finite probabilities: never a label, never accept
             preds.append(Prediction.unreadable(paths[i], NON_FINITE, model, lang))
             continue
-        found = findings(float(probs.max()), float(out.ood[i]), engine.meta, float(out.pixel[i]), float(colours[i]))
+        vouch = stats is not None and lungs_vouch(stats[i], gate)
+        confidence, ood, pixel = float(probs.max()), float(out.ood[i]), float(out.pixel[i])
+        found = findings(confidence, ood, engine.meta, pixel, float(colours[i]), lungs_vouch=vouch)
         extra: dict = {}
         if small is not None and stats is not None:
-            found = lung_findings(stats[i], **{k: gate.get(k) for k in LUNG_GATE}) + found
+            found = lung_findings(stats[i], **{k: gate.get(k) for k in LUNG_GATE_KEYS}) + found
             extra["lung_attention"] = round(seg.attention(cams[i], small[i], grey.shape, engine.spec), 3)
         pred = Prediction.answer(paths[i], probs, found, float(out.ood[i]), model, lang, **extra)
         if heatmaps and pred.decision != "rejected":

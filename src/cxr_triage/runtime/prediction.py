@@ -33,6 +33,7 @@ ReasonCode = Literal[
     "lung_layout",
     "one_lung",
     "lung_area",
+    "unusual_framing",
     "unreadable",
 ]
 PROB_COLUMNS = [f"p_{c}" for c in CLASS_IDS]

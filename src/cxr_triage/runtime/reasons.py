@@ -19,7 +19,9 @@ GATES: tuple[tuple[str, str], ...] = (
     ("colour", "colour_threshold"),
 )
 LOW_CONFIDENCE = "low_confidence"
-UNCERTAIN_CODES = (LOW_CONFIDENCE, "one_lung", "lung_area")  # findings that make an answer uncertain, not rejected
+UNUSUAL_FRAMING = "unusual_framing"  # the pixel-layout gate failed, but the lungs vouch for a chest X-ray
+# findings that make an answer uncertain, not rejected
+UNCERTAIN_CODES = (LOW_CONFIDENCE, "one_lung", "lung_area", UNUSUAL_FRAMING)
 
 
 @dataclass(frozen=True)
@@ -32,22 +34,42 @@ class Finding:
 
 
 def findings(
-    confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0.0, colour: float = 0.0
+    confidence: float,
+    ood: float,
+    meta: dict[str, Any],
+    pixel: float = 0.0,
+    colour: float = 0.0,
+    lungs_vouch: bool = False,
 ) -> list[Finding]:
     """Every rejection gate the input fails; if none, the low-confidence finding when below the cut-off.
 
-    An empty list means the answer is accepted.
+    With ``lungs_vouch`` (``reasons.lungs_vouch``: both lungs found where a chest X-ray's are), a failed
+    pixel-layout gate does not reject: it becomes 'unusual_framing', which makes the answer uncertain (collimated,
+    rotated or oddly framed films trip that crude thumbnail model). An empty list means the answer is accepted.
     """
     gate = meta.get("ood", {})
+    vouched = {"unfamiliar_layout": UNUSUAL_FRAMING} if lungs_vouch else {}
     failed = [
-        Finding(code, float(value), float(gate[key]))
+        Finding(vouched.get(code, code), float(value), float(gate[key]))
         for value, (code, key) in zip((ood, pixel, colour), GATES, strict=True)
         if gate.get(key) is not None and value > float(gate[key])
     ]
-    if failed:
+    if any(f.code not in UNCERTAIN_CODES for f in failed):
         return failed
     cut = float(meta.get("abstain", {}).get("threshold", 0.0))
-    return [Finding(LOW_CONFIDENCE, float(confidence), cut)] if confidence < cut else []
+    return failed + ([Finding(LOW_CONFIDENCE, float(confidence), cut)] if confidence < cut else [])
+
+
+def lungs_vouch(stats: LungStats, gate: dict[str, Any]) -> bool:
+    """Whether the lung mask vouches for a frontal chest X-ray: the lung gate (``lung_findings``) finds nothing,
+    there are two or more lung fields, and their layout reaches ``gate['vouch_layout']`` (None: never)."""
+    limit = gate.get("vouch_layout")
+    if limit is None or stats.layout is None or stats.fields < 2 or stats.layout < limit:
+        return False
+    return not lung_findings(stats, **{k: gate.get(k) for k in LUNG_GATE_KEYS})
+
+
+LUNG_GATE_KEYS = ("min_area", "max_area", "min_layout", "min_layout_one_field")
 
 
 def lung_findings(
