@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -65,7 +65,7 @@ def _inputs(paths: list[str]) -> list[str]:
     return found.paths
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
@@ -159,18 +159,21 @@ def train(
 ) -> None:
     """Train a model (timm + Lightning); writes runs/<name>/ with checkpoints, history and best.pt."""
     with _needs("train", "train"):
-        from cxr_triage.core.config import ConfigError, load_config
         from cxr_triage.training.train import train as run_train
 
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as exc:
-        _fail(str(exc))
-    try:
-        run_dir = run_train(cfg, resume=resume)
-    except (FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+    run_dir = _run_config(run_train, config, overrides, resume)
     console.print(f"run: {run_dir}  (best model: {run_dir / 'best.pt'})")
+
+
+def _run_config(run: Callable[..., Path], config: Path, overrides: list[str] | None, resume: bool) -> Path:
+    """``run(cfg, resume=...)`` on the config with its overrides; a bad config, a run that exists or a bad value
+    ends the command with one sentence (exit 2)."""
+    from cxr_triage.core.config import ConfigError, load_config
+
+    try:
+        return run(load_config(config, overrides or []), resume=resume)
+    except (ConfigError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -182,17 +185,9 @@ def pretrain(
     """Self-supervised pre-training (SimSiam) of the classifier's backbone on unlabelled images; writes
     runs/<name>/best.pt for `cxr-triage train model.init_from=...`."""
     with _needs("train", "pretrain"):
-        from cxr_triage.core.config import ConfigError, load_config
         from cxr_triage.training.pretrain import pretrain as run_pretrain
 
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as exc:
-        _fail(str(exc))
-    try:
-        run_dir = run_pretrain(cfg, resume=resume)
-    except (FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+    run_dir = _run_config(run_pretrain, config, overrides, resume)
     console.print(f"run: {run_dir}  (pre-trained backbone: {run_dir / 'best.pt'})")
 
 
@@ -203,15 +198,9 @@ def train_seg(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
     """Train the lung segmenter (MONAI U-Net + Lightning) on image/mask pairs; writes runs/<name>/best.pt."""
-    from cxr_triage.core.config import ConfigError, load_config
-    from cxr_triage.training.segdata import PairsError
     from cxr_triage.training.segmenter import train_segmenter
 
-    try:
-        cfg = load_config(config, overrides or [])
-        run_dir = train_segmenter(cfg, resume=resume)
-    except (ConfigError, PairsError, FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+    run_dir = _run_config(train_segmenter, config, overrides, resume)  # a PairsError is a ValueError
     console.print(f"run: {run_dir}  (best segmenter: {run_dir / 'best.pt'})")
 
 

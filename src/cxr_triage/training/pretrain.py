@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,7 +35,7 @@ from cxr_triage.core.preprocess import PreprocessSpec, normalise, prepare
 from cxr_triage.data.manifest import load_manifest
 from cxr_triage.training.datasets import Augment, build_augment, build_cache, cache_key, label_indices, save_atomic
 from cxr_triage.training.model import create_model, load_checkpoint, save_checkpoint
-from cxr_triage.training.train import checkpoint_callbacks, prepare_run, resolve_precision
+from cxr_triage.training.train import checkpoint_callbacks, prepare_run, single_device_trainer
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
@@ -234,20 +233,9 @@ def pretrain(cfg: dict[str, Any], resume: bool = False) -> Path:
         persistent_workers=d["num_workers"] > 0,
     )
     log.info("pre-training on %d unlabelled images (%d from the train split)", len(pool), len(train_df))
-    t = cfg["trainer"]
     best, latest = checkpoint_callbacks(last.parent, monitor="val/knn_acc")
-    trainer = L.Trainer(
-        max_epochs=p["epochs"],
-        precision=resolve_precision(t["precision"]),
-        accelerator=t["accelerator"],
-        devices=1,
-        limit_train_batches=t["limit_train_batches"],
-        log_every_n_steps=t["log_every_n_steps"],
-        enable_progress_bar=t["progress_bar"],
-        default_root_dir=run_dir,
-        logger=CSVLogger(run_dir, name="logs"),
-        callbacks=[KnnProbe(probe), best, latest, LearningRateMonitor("step"), PretrainHistory(run_dir)],
-    )
+    callbacks = [KnnProbe(probe), best, latest, LearningRateMonitor("step"), PretrainHistory(run_dir)]
+    trainer = single_device_trainer(cfg, p["epochs"], run_dir, callbacks)
     module = SimSiam(cfg)
     t0 = time.time()
     trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
-from lightning.pytorch.loggers import CSVLogger
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.nets import UNet
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.training.model import CheckpointError
 from cxr_triage.training.segdata import MaskPairs, build_pair_augment, cache_pairs, find_pairs, split_pairs
-from cxr_triage.training.train import checkpoint_callbacks, prepare_run, resolve_precision
+from cxr_triage.training.train import checkpoint_callbacks, prepare_run, single_device_trainer
 
 log = logging.getLogger(__name__)
 SEG_FORMAT = "cxr-triage-segmenter-checkpoint/1"
@@ -171,18 +170,8 @@ def train_segmenter(cfg: dict[str, Any], resume: bool = False) -> Path:
     val_dl = DataLoader(MaskPairs(images[va], masks[va], spec), batch_size=bs, num_workers=0)
     t = cfg["trainer"]
     best, latest = checkpoint_callbacks(last.parent, monitor="val/dice")
-    trainer = L.Trainer(
-        max_epochs=t["max_epochs"],
-        precision=resolve_precision(t["precision"]),
-        accelerator=t["accelerator"],
-        devices=1,
-        limit_train_batches=t["limit_train_batches"],
-        log_every_n_steps=t["log_every_n_steps"],
-        enable_progress_bar=t["progress_bar"],
-        default_root_dir=run_dir,
-        logger=CSVLogger(run_dir, name="logs"),
-        callbacks=[best, latest, EarlyStopping("val/dice", mode="max", patience=t["patience"]), SegHistory(run_dir)],
-    )
+    stop = EarlyStopping("val/dice", mode="max", patience=t["patience"])
+    trainer = single_device_trainer(cfg, t["max_epochs"], run_dir, [best, latest, stop, SegHistory(run_dir)])
     t0 = time.time()
     trainer.fit(Segmenter(cfg), train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
     model, _, _ = load_segmenter(Path(best.best_model_path or last))

@@ -376,6 +376,24 @@ def checkpoint_callbacks(ckpt_dir: Path, monitor: str = "val/macro_f1") -> tuple
     return best, latest
 
 
+def single_device_trainer(cfg: dict[str, Any], max_epochs: int, run_dir: Path, callbacks: list[Callback]) -> L.Trainer:
+    """The Lightning trainer of the single-device runs (segmenter, self-supervised pre-training): the config's
+    ``trainer`` precision, accelerator, batch limit and logging, CSV logs under ``run_dir``."""
+    t = cfg["trainer"]
+    return L.Trainer(
+        max_epochs=max_epochs,
+        precision=resolve_precision(t["precision"]),
+        accelerator=t["accelerator"],
+        devices=1,
+        limit_train_batches=t["limit_train_batches"],
+        log_every_n_steps=t["log_every_n_steps"],
+        enable_progress_bar=t["progress_bar"],
+        default_root_dir=run_dir,
+        logger=CSVLogger(run_dir, name="logs"),  # a new version_N per (re)start: nothing overwritten
+        callbacks=callbacks,
+    )
+
+
 def prepare_run(cfg: dict[str, Any], resume: bool) -> tuple[Path, Path]:
     """Seed everything, create ``<out_dir>/<name>/`` with its config.yaml; (run dir, last.ckpt path).
     A run that already holds a last.ckpt is refused unless ``resume``."""
