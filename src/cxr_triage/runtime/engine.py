@@ -102,24 +102,30 @@ class Output:
     decisions: list[str]
 
 
+def cpu_session(model: Path, threads: int | None = None) -> Any:
+    """The onnxruntime CPU session both networks run in: ``threads`` intra-op threads (default: the cores, up to 4),
+    every graph optimisation (int8 QDQ graphs need it; fp32 ones get activations fused into convolutions), no
+    spin-waiting (steadier latency on shared CPUs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
 class Engine:
     """An onnxruntime session over a bundle. Thread-safe for ``run`` (onnxruntime sessions are)."""
 
     def __init__(self, bundle_dir: str | Path | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.dir = Path(bundle_dir) if bundle_dir else default_bundle_dir()
         self.meta = read_bundle_meta(self.dir)  # sealed and valid, or BundleError
         self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
         try:
             with np.load(self.dir / "extras.npz", allow_pickle=False) as z:
                 self.extras = {k: z[k] for k in z.files}
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # steadier latency on shared CPUs
-            model = str(self.dir / "model.onnx")
-            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(self.dir / "model.onnx", threads)
             x = np.zeros((1, 1, self.spec.size, self.spec.size), np.float32)
             logits, feats = self.forward(x)  # one probe: the graph's outputs must fit extras.npz and the classes
         except BundleError:

@@ -8,7 +8,6 @@ mean of its training masks on a 32 x 32 grid). The shipped one is ``assets/model
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from importlib import resources
@@ -20,7 +19,7 @@ import numpy as np
 from cxr_triage.core.lungs import LungStats, cleaned, input_mask, lung_attention, lung_stats, resize_mask
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, square
 from cxr_triage.runtime.bundle import read_bundle_meta, write_meta
-from cxr_triage.runtime.engine import BundleError, sha256_file
+from cxr_triage.runtime.engine import BundleError, cpu_session, sha256_file
 
 SEG_BUNDLE_FORMAT = "cxr-triage-segmenter/1"
 SEGMENT_COLUMNS = [
@@ -80,15 +79,10 @@ class LungSegmenter:
     """An onnxruntime session over a segmenter bundle: grey images -> cleaned lung masks at their own size."""
 
     def __init__(self, bundle_dir: str | Path | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.dir = Path(bundle_dir) if bundle_dir else default_segmenter_dir()
         self.meta = read_segmenter_meta(self.dir)
         self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.dir / "model.onnx", threads)
         self.atlas = read_atlas(self.meta, self.dir)  # where lungs usually are (None for bundles made before it)
 
     @property
