@@ -18,7 +18,7 @@ from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey
 from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.inputs import scan_inputs
 from cxr_triage.runtime.prediction import ModelInfo, Prediction, png_bytes
-from cxr_triage.runtime.reasons import LUNG_GATE_KEYS, findings, lung_findings, lungs_vouch
+from cxr_triage.runtime.reasons import findings, lung_gate_findings, lungs_vouch
 
 log = logging.getLogger(__name__)
 __all__ = ["collect_inputs", "overlay", "png_bytes", "predict_arrays", "predict_bytes", "predict_grey", "predict_paths"]
@@ -176,7 +176,7 @@ def predict_arrays(
         found = findings(confidence, ood, engine.meta, pixel, float(colours[i]), lungs_vouch=vouch)
         extra: dict = {}
         if small is not None and stats is not None:
-            found = lung_findings(stats[i], **{k: gate.get(k) for k in LUNG_GATE_KEYS}) + found
+            found = lung_gate_findings(stats[i], gate) + found
             extra["lung_attention"] = round(seg.attention(cams[i], small[i], grey.shape, engine.spec), 3)
         pred = Prediction.answer(paths[i], probs, found, float(out.ood[i]), model, lang, **extra)
         if heatmaps and pred.decision != "rejected":

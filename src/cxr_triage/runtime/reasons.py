@@ -66,10 +66,14 @@ def lungs_vouch(stats: LungStats, gate: dict[str, Any]) -> bool:
     limit = gate.get("vouch_layout")
     if limit is None or stats.layout is None or stats.fields < 2 or stats.layout < limit:
         return False
-    return not lung_findings(stats, **{k: gate.get(k) for k in LUNG_GATE_KEYS})
+    return not lung_gate_findings(stats, gate)
 
 
-LUNG_GATE_KEYS = ("min_area", "max_area", "min_layout", "min_layout_one_field")
+def lung_gate_findings(stats: LungStats, gate: dict[str, Any]) -> list[Finding]:
+    """``lung_findings`` with the limits of a bundle's ``lung_gate`` block (model.json)."""
+    return lung_findings(
+        stats, **{k: gate.get(k) for k in ("min_area", "max_area", "min_layout", "min_layout_one_field")}
+    )
 
 
 def lung_findings(
