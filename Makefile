@@ -1,4 +1,5 @@
-# cxr-triage: `make demo` runs the shipped model on the bundled samples; `make test` runs lint + tests;
+# cxr-triage: `make demo` runs the shipped model on the bundled samples; `make test` runs lint + all tests
+# (tests/unit and tests/integration); `make test-unit` runs tests/unit alone, a quick loop without lint;
 # `make serve` builds a light venv (.venv-serve: predict + web page, no torch) and starts the page.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ SERVE_VENV := .venv-serve
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test lint serve venv-base venv-full clean
+.PHONY: demo test test-unit lint serve venv-base venv-full clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,12 +52,17 @@ demo: $(VENV)/.base
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q
 
+# pure functions and in-process tests: no server, DICOM node, browser, Orthanc, Ray or training run
+test-unit: $(VENV)/.full
+	$(BIN)/python -m pytest -q tests/unit
+
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) $(HEATMAPS) .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) $(HEATMAPS) .pytest_cache .import_linter_cache .grimp_cache
 
 # --- the shipped model, end to end (needs ../shared/data; about 1.5 h on a 2-core CPU) ---
 DATASET ?= ../shared/data/COVID-19_Radiography_Dataset

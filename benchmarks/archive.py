@@ -4,8 +4,8 @@ Usage: nice -n 15 python benchmarks/archive.py [--n 5000] [--data DATASET_DIR] [
        nice -n 15 python benchmarks/archive.py --cpu [--n 1000] [--json out.json]
 
 Takes ``--n`` images from the dataset folder (classes interleaved; read-only) and runs, alternating so that the
-machine's drift and any other load hit both engines alike (``STEPS``): the CLI's path (``predict_paths`` over the
-files, model load included), local Ray with 2 workers, with 1 worker (``score_archive`` into Parquet: reading,
+machine's drift and any other load hit both engines alike (``STEPS``): the CLI's path (``Predictor.predict_files``
+over the files, model load included), local Ray with 2 workers, with 1 worker (``score_archive`` into Parquet: reading,
 scoring, shards, merge), the CLI and 2 workers again, then 2 workers killing one scoring actor with SIGKILL after
 40 % of the rows (every row must still appear exactly once).
 Ray's own start (``ray.init``, local) and a first 64-image job (Ray starting its worker processes) are timed apart:
@@ -33,10 +33,10 @@ from tempfile import TemporaryDirectory
 
 import pyarrow.parquet as pq
 
+from cxr_triage.batch.archive import ray_session, score_archive
+from cxr_triage.batch.shards import predictions_table
 from cxr_triage.core.classes import CLASS_IDS
-from cxr_triage.runtime.archive import ray_session, score_archive
-from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import predict_paths
+from cxr_triage.runtime.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "COVID-19_Radiography_Dataset"
@@ -68,8 +68,9 @@ def scorer_pids() -> list[int]:
 
 def run_cli(paths: list[str]) -> tuple[float, dict[str, dict]]:
     t0 = time.perf_counter()
-    rows = {r["path"]: r for r in predict_paths(Engine(), paths)}
-    return time.perf_counter() - t0, rows
+    preds = [s.prediction for s in Predictor().predict_files(paths)]
+    seconds = time.perf_counter() - t0
+    return seconds, {r["path"]: r for r in predictions_table(preds).to_pylist()}  # rows as the Parquet file holds them
 
 
 def run_ray(paths: list[str], out: Path, workers: int, kill_at: int | None = None) -> dict:

@@ -116,7 +116,7 @@ def main() -> None:
                 **judged(kv, kn, float(np.quantile(kv, QUANTILE) * MARGIN)),
             }
         )
-    shipped = engine.meta.get("ood", {})
+    shipped = engine.bundle.raw.get("ood", {})
     res = {
         "bundle": str(a.bundle),
         "shipped": {k: shipped.get(k) for k in ("threshold", "pixel_threshold", "fitted_on")},

@@ -10,7 +10,7 @@ Usage: python benchmarks/hostile.py [--hostile ../shared/data/hostile-inputs] [-
    `/usr/bin/time -v cxr-triage predict . fifo.png missing[1].png --format csv --out o.csv` (killed after
    --cli-timeout s)
    and records exit code, rows against expected entries, traceback, peak RSS and formula cells.
-2. API: starts `uvicorn --factory cxr_triage.service:create_app`, POSTs every hostile file one by one (status counts,
+2. API: starts `uvicorn --factory cxr_triage.serve.app:create_app`, POSTs every hostile file one by one (status counts,
    5xx), then the four decompression bombs at once, sampling the server's RSS every 50 ms (a watchdog kills the server
    above --rss-kill-mb, so the old code cannot take the machine down), then checks /api/v1/health.
 

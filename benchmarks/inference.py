@@ -8,7 +8,7 @@ drifts): batch-1 latency (median, p90) and batch-32 throughput of
   - the shipped bundle through onnxruntime (``Engine.forward``),
   - the same network (timm resnet18, 1x160x160, random weights) in PyTorch eager fp32 and bf16 autocast,
   - DenseNet-121 (timm, 1x224x224, random weights) in PyTorch eager fp32 and through onnxruntime;
-end-to-end batch-32 throughput from files (``predict_paths``, decoding included) over the bundled samples;
+end-to-end batch-32 throughput from files (``Predictor.predict_files``, decoding included) over the bundled samples;
 onnxruntime session options for batch 1; the cold start of ``cxr-triage predict one.jpg --format csv`` (median of
 10 processes) and the top import costs of the predict path (``python -X importtime``).
 """
@@ -115,9 +115,9 @@ def model_benchmarks(runs: int, quick: bool, results: dict, compare: Path | None
     engine = Engine()
     size = engine.spec.size
     other = Engine(compare) if compare else None
-    results["env"]["shipped_weights"] = engine.meta.get("weights", "")
+    results["env"]["shipped_weights"] = engine.bundle.raw.get("weights", "")
     if other is not None:
-        results["env"]["compare"] = f"{compare} ({other.meta.get('weights', '')})"
+        results["env"]["compare"] = f"{compare} ({other.bundle.raw.get('weights', '')})"
     results["env"].update(
         torch=torch.__version__,
         onnxruntime=ort.__version__,
@@ -220,24 +220,26 @@ def options_benchmark(runs: int, results: dict, size: int) -> None:
 
 
 def end_to_end(results: dict, engine, quick: bool, key: str = "end_to_end") -> None:
-    from cxr_triage.runtime.predict import _load, predict_paths
+    from cxr_triage.runtime.predictor import Predictor
+
+    predictor = Predictor(engine.bundle)
 
     files = sorted(str(p) for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     paths = (files * (-(-128 // len(files))))[: max(128, len(files))]
     reps = 2 if quick else 5
-    list(predict_paths(engine, paths[:32]))  # warm-up
+    list(predictor.predict_files(paths[:32]))  # warm-up
     e2e, dec = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        rows = list(predict_paths(engine, paths, batch_size=32, workers=2))
+        rows = [s.prediction for s in predictor.predict_files(paths, batch_size=32, workers=2)]
         e2e.append(time.perf_counter() - t0)
         assert len(rows) == len(paths) and not any(r.decision == "error" for r in rows)
         t0 = time.perf_counter()
         for p in paths:
-            _load(p, engine.spec)
+            predictor.read(p, p, shrink=True)
         dec.append(time.perf_counter() - t0)
     results[key] = {
-        "bundle_weights": engine.meta.get("weights", ""),
+        "bundle_weights": engine.bundle.raw.get("weights", ""),
         "images": len(paths),
         "distinct_files": len(files),
         "img_per_s_median": len(paths) / statistics.median(e2e),
@@ -246,7 +248,7 @@ def end_to_end(results: dict, engine, quick: bool, key: str = "end_to_end") -> N
     }
     r = results[key]
     print(
-        f"\n{key} ({r['bundle_weights']}) predict_paths, {len(paths)} paths ({len(files)} files repeated), "
+        f"\n{key} ({r['bundle_weights']}) Predictor.predict_files, {len(paths)} paths ({len(files)} files repeated), "
         "batch 32, 2 decode threads: "
         f"{r['img_per_s_median']:.1f} img/s (runs: {r['img_per_s_all']}); "
         f"decode alone (1 thread): {r['decode_only_1_thread_img_per_s']:.1f} img/s"

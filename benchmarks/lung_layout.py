@@ -14,36 +14,35 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from cxr_triage.core.preprocess import ImageReadError, load_grey
-from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import lung_masks, predict_arrays
+from cxr_triage.core.preprocess import ImageReadError
+from cxr_triage.runtime.bundle import LungGate
+from cxr_triage.runtime.predictor import Predictor
 
 LAYOUT_LIMITS = (0.10, 0.15, 0.20, 0.25, 0.30)  # candidate limits, two or more lung fields
 ONE_FIELD_LIMITS = (0.35, 0.40, 0.45, 0.50)  # candidate limits, one single field
 VOUCH_LIMITS = (0.45, 0.50, 0.55, 0.60)  # candidate vouch_layout limits (measured with vouching off)
 
 
-def measure(engine: Engine, items: list[tuple[str, object]]) -> list[dict[str, object]]:
+def measure(engine: Predictor, items: list[tuple[str, object]]) -> list[dict[str, object]]:
     """Per image: lung fields, layout overlap, area and the bundle's decision with its reasons."""
     rows: list[dict[str, object]] = []
     for i in range(0, len(items), 32):
-        names, greys, colours = [], [], []
+        names, decoded = [], []
         for name, src in items[i : i + 32]:
-            info: dict[str, float] = {}
             try:
-                greys.append(load_grey(src, info=info))
+                decoded.append(engine.decode(src))
             except ImageReadError:
                 continue
             names.append(name)
-            colours.append(info.get("colourfulness", 0.0))
-        if not greys:
+        if not decoded:
             continue
-        _, lung_stats = lung_masks(engine, greys) or ([], [])
-        preds = predict_arrays(engine, greys, colours=colours)
+        _, lung_stats = engine.segmenter.square_lungs([it.seg_square for it in decoded])
+        preds = [s.prediction for s in engine.score(decoded)]
         for name, stats, pred in zip(names, lung_stats, preds, strict=True):
             rows.append(
                 {
@@ -99,11 +98,12 @@ def main() -> None:
     ap.add_argument("--benchmark-nonchest", action="store_true", help="evaluate's non-chest check images")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    engine = Engine(a.bundle)
+    engine = Predictor(a.bundle)
     if engine.segmenter is None or engine.segmenter.atlas is None:
         raise SystemExit(f"{a.bundle}: needs a segmenter with a lung atlas (re-export it with `export-seg`)")
-    res: dict[str, object] = {"bundle": str(a.bundle), "lung_gate": engine.meta.get("lung_gate")}
-    engine.meta["lung_gate"] = {k: v for k, v in (engine.meta.get("lung_gate") or {}).items() if k != "vouch_layout"}
+    res: dict[str, object] = {"bundle": str(a.bundle), "lung_gate": engine.bundle.raw.get("lung_gate")}
+    no_vouch = (engine.meta.lung_gate or LungGate()).model_copy(update={"vouch_layout": None})
+    engine.bundle = replace(engine.bundle, meta=engine.meta.model_copy(update={"lung_gate": no_vouch}))
     if a.manifest:
         from cxr_triage.data.manifest import load_manifest
 

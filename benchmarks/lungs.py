@@ -26,20 +26,19 @@ from inference import cpu_model, interleaved, summary  # noqa: E402
 LUNG_CODES = ("no_lungs", "lung_layout", "one_lung", "lung_area")
 
 from cxr_triage.core.preprocess import normalise  # noqa: E402
-from cxr_triage.runtime.engine import Engine  # noqa: E402
-from cxr_triage.runtime.predict import predict_paths  # noqa: E402
+from cxr_triage.runtime.predictor import Predictor  # noqa: E402
 
 
-def latency(engine: Engine, runs: int) -> dict[str, dict[str, float]]:
+def latency(engine: Predictor, runs: int) -> dict[str, dict[str, float]]:
     seg = engine.segmenter
     xc = normalise(np.zeros((1, engine.spec.size, engine.spec.size), np.uint8) + 120, engine.spec)
     xs = normalise(np.zeros((1, seg.spec.size, seg.spec.size), np.uint8) + 120, seg.spec)
-    times = interleaved({"classifier": lambda: engine.forward(xc), "segmenter": lambda: seg.logits(xs)}, runs)
+    times = interleaved({"classifier": lambda: engine.engine.forward(xc), "segmenter": lambda: seg.logits(xs)}, runs)
     return {k: summary(v) for k, v in times.items()}
 
 
-def throughput(engine: Engine, files: list[str], rounds: int = 5) -> dict[str, object]:
-    """Median img/s of ``predict_paths`` with and without the segmenter: one warm-up pass of each first, then
+def throughput(engine: Predictor, files: list[str], rounds: int = 5) -> dict[str, object]:
+    """Median img/s of ``Predictor.predict_files`` with and without the segmenter: one warm-up pass of each first, then
     ``rounds`` rounds, each mode leading every other round (this machine drifts by 10-20 % between passes)."""
     seg = engine.segmenter
     out: dict[str, list[float]] = {"with segmenter": [], "without segmenter": []}
@@ -47,7 +46,7 @@ def throughput(engine: Engine, files: list[str], rounds: int = 5) -> dict[str, o
         for name in out if r % 2 else reversed(out):
             engine.segmenter = seg if name == "with segmenter" else None
             t0 = time.perf_counter()
-            n = sum(1 for _ in predict_paths(engine, files if r else files[:64], batch_size=32))
+            n = sum(1 for _ in (s.prediction for s in engine.predict_files(files if r else files[:64], batch_size=32)))
             if r:
                 out[name].append(n / (time.perf_counter() - t0))
     engine.segmenter = seg
@@ -58,9 +57,9 @@ def throughput(engine: Engine, files: list[str], rounds: int = 5) -> dict[str, o
 
 def cold_start(bundle: Path, image: str, runs: int = 7) -> float:
     code = (
-        "import time; t0 = time.perf_counter(); from cxr_triage.runtime.engine import Engine; "
-        f"from cxr_triage.runtime.predict import predict_paths; e = Engine({str(bundle)!r}); "
-        f"list(predict_paths(e, [{image!r}])); print(time.perf_counter() - t0)"
+        "import time; t0 = time.perf_counter(); from cxr_triage.runtime.predictor import Predictor; "
+        f" e = Predictor({str(bundle)!r}); "
+        f"list((s.prediction for s in e.predict_files([{image!r}]))); print(time.perf_counter() - t0)"
     )
     ts = [
         float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -69,7 +68,7 @@ def cold_start(bundle: Path, image: str, runs: int = 7) -> float:
     return statistics.median(ts)
 
 
-def gates(engine: Engine, manifest: Path | None, split: str) -> dict[str, object]:
+def gates(engine: Predictor, manifest: Path | None, split: str) -> dict[str, object]:
     """Rejected share of non-chest images and of a split's chest X-rays, with and without the lung gate."""
     from cxr_triage.data.manifest import load_manifest
     from cxr_triage.evaluation.evaluate import ood_check
@@ -84,7 +83,7 @@ def gates(engine: Engine, manifest: Path | None, split: str) -> dict[str, object
         if s is not None:
             res["non-chest accepted or uncertain"] = [r["name"] for r in ood if not r["rejected"]]
         if paths:
-            rows = list(predict_paths(engine, paths))
+            rows = list(s.prediction for s in engine.predict_files(paths))
             rej = sum(r.decision == "rejected" for r in rows)
             res[f"{split} rejected ({name})"] = f"{rej}/{len(rows)} ({rej / len(rows):.2%})"
             if s is not None:
@@ -107,7 +106,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--gates-only", action="store_true", help="skip the speed measurements (a busy machine)")
     args = ap.parse_args()
-    engine = Engine(args.bundle)
+    engine = Predictor(args.bundle)
     if engine.segmenter is None:
         sys.exit(f"{args.bundle} carries no lung segmenter (export with --segmenter)")
     res: dict[str, object] = {"cpu": cpu_model(), "bundle": str(args.bundle)}

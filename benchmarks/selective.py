@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_triage.core.preprocess import load_grey, normalise, square
 from cxr_triage.data.manifest import load_manifest
 from cxr_triage.evaluation.calibrate import abstain_threshold
-from cxr_triage.runtime.engine import Engine
+from cxr_triage.runtime.predictor import Predictor
 from cxr_triage.training.datasets import label_indices
 
 
@@ -40,22 +39,21 @@ def main() -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--target", type=float, default=0.99)
     a = ap.parse_args()
-    engine = Engine(a.bundle)
+    engine = Predictor(a.bundle)
     df = load_manifest(a.manifest)
     df = df[df["split"] == a.split]
     labels = label_indices(df)
     probs, ood = [], []
     paths = list(df["abspath"])
     for i in range(0, len(paths), 64):
-        x = normalise(np.stack([square(load_grey(p), engine.spec) for p in paths[i : i + 64]]), engine.spec)
-        out = engine.run(x)
-        probs.append(out.probs)
-        ood.append(out.ood)
+        scored = engine.score([engine.decode(p, p) for p in paths[i : i + 64]])
+        probs.append(np.stack([s.probs for s in scored]))
+        ood.append(np.array([s.prediction.ood_score for s in scored], np.float32))
     p, d = np.concatenate(probs), np.concatenate(ood)
     print(f"| score ({a.split}, n={len(df)}) | accepted at ≥ {a.target:.0%} accuracy | accuracy among them |")
     print("|---|---|---|")
     correct = p.argmax(1) == labels
-    for name, s in scores(p, d, float(engine.meta["ood"]["threshold"])).items():
+    for name, s in scores(p, d, float(engine.meta.ood.threshold)).items():
         onehot = np.zeros_like(p)  # abstain_threshold ranks by the top of its input: give it the score as that top
         onehot[np.arange(len(s)), p.argmax(1)] = s - s.min() + 1e-9
         _, coverage = abstain_threshold(onehot, labels, a.target)

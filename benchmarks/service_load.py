@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/service_load.py [-n 1000] [-c 16] [--bad-every 5] [--no-write]
 
-Starts `uvicorn --factory cxr_triage.service:create_app` (the shipped bundle) in a subprocess, sends N POSTs to
+Starts `uvicorn --factory cxr_triage.serve.app:create_app` (the shipped bundle) in a subprocess, sends N POSTs to
 /api/v1/predict from C concurrent clients: the sample X-rays in src/cxr_triage/assets/samples/ with every k-th
 request a malformed upload (a text file named .png, a truncated JPEG). Records throughput, p50/p95/p99 latency of
 the valid images, counts by status, dropped connections and the server's RSS (start / middle / end / peak), and
@@ -57,9 +57,9 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 
 
 def start_server(port: int, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
-    """``uvicorn --factory cxr_triage.service:create_app`` on loopback, once its health route answers (≤ 120 s);
+    """``uvicorn --factory cxr_triage.serve.app:create_app`` on loopback, once its health route answers (≤ 120 s);
     its output goes to ``log`` when given."""
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "cxr_triage.service:create_app"]
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "cxr_triage.serve.app:create_app"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
     out = open(log, "w") if log else None  # noqa: SIM115 - the server's child keeps it open
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 from playwright.sync_api import expect, sync_playwright
 
-from cxr_triage.service import create_app
+from cxr_triage.serve.app import create_app
 
 SAMPLES = Path(str(resources.files("cxr_triage") / "assets" / "samples"))
 

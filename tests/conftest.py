@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,6 +203,36 @@ def shared_dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset
     return make_dataset(tmp_path_factory.mktemp("shared") / "dataset")
 
 
+# --- a tiny hand-made bundle (no torch, no training): for tests that need *a* bundle, not a trained one ---
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sealed bundle with a hand-made classifier and a fixed-mask lung segmenter (``tests/tiny_bundle.py``), built in
+    under a second without torch: for plumbing (shapes, errors, formats, CLI/HTTP contracts, heatmaps, gates). Its
+    answers do not follow the classes; tests of a trained model's behaviour use ``smoke_bundle``. Do not modify it:
+    copy it first."""
+    from tests.tiny_bundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle") / "bundle")
+
+
+# --- the web service's apps in one test module sharing one loaded predictor (needs the [serve] extra) ---
+
+
+@pytest.fixture(scope="module")
+def one_predictor() -> Iterator[None]:
+    """Every app a module creates with ``create_app`` shares one loaded shipped-bundle predictor (loading it is the
+    slow part of ``create_app``). Use with ``pytestmark = pytest.mark.usefixtures("one_predictor")``."""
+    from cxr_triage.runtime.predictor import Predictor
+    from cxr_triage.serve import app as service
+
+    predictor = Predictor()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(service, "Predictor", lambda bundle_dir=None: predictor)
+        yield
+
+
 # --- a seconds-long smoke model: ingest -> train -> export on the synthetic dataset (needs the [train] extra) ---
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,6 +313,41 @@ def smoke_bundle_fp16(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("smoke_bundle_fp16") / "bundle"
     export_bundle(smoke_run / "best.pt", out, quantize="none")
     return out
+
+
+# --- a base install (`pip install .` plus pytest): test modules that need an extra are skipped, saying which ---
+
+# a module a test file may import -> the extra that installs it
+EXTRA_OF = {
+    **dict.fromkeys(("torch", "torchvision", "timm", "lightning", "monai", "onnx", "onnxscript", "yaml"), "train"),
+    **dict.fromkeys(("pandas", "imagehash", "matplotlib", "jinja2", "sklearn", "openpyxl"), "eval"),
+    **dict.fromkeys(("fastapi", "uvicorn", "multipart", "fastapi_offline"), "serve"),
+    **dict.fromkeys(("pynetdicom", "highdicom"), "dicom"),
+    **dict.fromkeys(("ray", "pyarrow"), "scale"),
+    **dict.fromkeys(("httpx", "playwright", "skimage", "hypothesis", "schemathesis"), "dev"),
+}
+
+
+class _ExtraModule(pytest.Module):
+    """A test module whose import fails for want of an extra's package is skipped with the extra's name, unless CI
+    is set (CI installs every extra: there a missing package is an error)."""
+
+    def _getobj(self):
+        try:
+            return super()._getobj()
+        except self.CollectError as exc:
+            cause = exc.__cause__
+            name = (getattr(cause, "name", None) or "").split(".")[0]
+            if not isinstance(cause, ModuleNotFoundError) or name not in EXTRA_OF or os.environ.get("CI"):
+                raise
+            reason = f"{self.path.name} needs {name}: the [{EXTRA_OF[name]}] extra is not installed"
+            raise pytest.skip.Exception(reason, allow_module_level=True) from None
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    if module_path.name == "__init__.py":
+        return None  # the package's own module: pytest's default
+    return _ExtraModule.from_parent(parent, path=module_path)
 
 
 # --- say loudly when the browser tests did not run ---

@@ -4,6 +4,8 @@ Secondary Capture, with made-up patient data (some of which a result may carry, 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +104,48 @@ def sr_summary(sr: Dataset) -> dict[str, Any]:
         "notice": text.get("NOTICE", ""),
         "source": str(items["260753009"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
     }
+
+
+def write_large_dicom(path: Path, pixel_bytes: int, deflated: bool = False, rgb: bool = False) -> Path:
+    """A DX Part-10 file whose pixel data is ``pixel_bytes`` zero bytes (16-bit grey, 4096 columns; ``rgb``: 8-bit
+    RGB, 6000 columns), written 1 MB at a time (never whole in memory). ``deflated``: in Deflated Explicit VR Little
+    Endian, a deflate bomb (a 64 MB data set is about 64 KB)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DX"
+    if rgb:
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = pixel_bytes // 18000, 6000, 3, "RGB"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PlanarConfiguration = 0
+    else:
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = (
+            pixel_bytes // 8192,
+            4096,
+            1,
+            "MONOCHROME2",
+        )
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    head = DicomBytesIO()
+    head.is_implicit_VR, head.is_little_endian = False, True  # Explicit VR Little Endian (deflated: then compressed)
+    write_dataset(head, ds)
+    element = b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", pixel_bytes)
+    pack = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS) if deflated else None
+    zeros = bytes(1 << 20)
+    with path.open("wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, meta, enforce_standard=True)
+        f.write(pack.compress(head.getvalue() + element) if pack else head.getvalue() + element)
+        for start in range(0, pixel_bytes, len(zeros)):
+            piece = zeros if pixel_bytes - start >= len(zeros) else zeros[: pixel_bytes - start]
+            f.write(pack.compress(piece) if pack else piece)
+        if pack:
+            f.write(pack.flush())
+    return path

@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from cxr_triage.service_guard import ServiceLimits, uvicorn_options
+from cxr_triage.serve.guard import ServiceLimits, uvicorn_options
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -79,13 +79,28 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 class Orthanc:
     """Start Orthanc in ``work`` (a fresh folder); ``stop()`` ends it. REST helpers for the tests."""
 
-    def __init__(self, work: Path, node_aet: str, node_port: int, route: bool = False) -> None:
+    def __init__(
+        self,
+        work: Path,
+        node_aet: str,
+        node_port: int,
+        route: bool = False,
+        dicom_port: int | None = None,
+        lua: str = "",
+        **settings: Any,
+    ) -> None:
+        """``dicom_port``: a port chosen before (e.g. a PACS that comes up late); ``lua``: a script of its own
+        (e.g. a slow ``ReceivedInstanceFilter``); ``settings``: more configuration (e.g. DicomCheckCalledAet)."""
         binary = orthanc_binary()
         if binary is None:
             raise FileNotFoundError("Orthanc is not installed (Debian: apt-get install orthanc)")
         work.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         config = orthanc_config(work, self.http_port, self.dicom_port, node_aet, node_port, route)
+        if lua:
+            (work / "extra.lua").write_text(lua)
+            config["LuaScripts"] = [*config.get("LuaScripts", []), str(work / "extra.lua")]
+        config.update(settings)
         (work / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log_path = work / "orthanc.log"
         with open(self.log_path, "wb") as log:
@@ -130,6 +145,21 @@ class Orthanc:
         r = self.rest.post(f"/modalities/{modality}/store", json={"Resources": instance_ids, "Synchronous": True})
         r.raise_for_status()
         return r.json()
+
+    def study_id(self, study_uid: str) -> str | None:
+        """Orthanc's ID of the study with this Study Instance UID (None: not stored)."""
+        r = self.rest.post("/tools/lookup", content=study_uid)
+        r.raise_for_status()
+        return next((m["ID"] for m in r.json() if m["Type"] == "Study"), None)
+
+    def wait_for_study(self, study_uid: str, modalities: set[str], timeout: float = 30) -> dict[str, list[str]]:
+        """``wait_for`` by Study Instance UID, once the study exists."""
+        deadline = time.monotonic() + timeout
+        while (study := self.study_id(study_uid)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no study arrived within {timeout:.0f} s")
+            time.sleep(0.05)
+        return self.wait_for(study, modalities, max(0.1, deadline - time.monotonic()))
 
     def instances(self, study_id: str) -> list[dict[str, Any]]:
         """The study's instances with their tags (``/studies/{id}/instances?expand``)."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from cxr_triage._version import __version__
+
 __all__ = ["ModelInfo", "Prediction", "Reason", "Triage", "__version__"]
 
 _LAZY = {

@@ -1,4 +1,5 @@
-"""The Python API: ``Triage`` wraps a model bundle and returns ``Prediction``s (onnxruntime only, no torch).
+"""The Python API: ``Triage``, the public face of ``runtime.predictor.Predictor``, returns ``Prediction``s
+(onnxruntime only, no torch).
 
 >>> from cxr_triage import Triage
 >>> triage = Triage()                        # the shipped model; Triage("bundle/") for another
@@ -13,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_triage.core.preprocess import load_grey
-from cxr_triage.runtime.engine import Engine
 from cxr_triage.runtime.i18n import check_lang
-from cxr_triage.runtime.predict import predict_grey, predict_paths
 from cxr_triage.runtime.prediction import ModelInfo, Prediction
+from cxr_triage.runtime.predictor import Predictor
 
 
 class Triage:
@@ -30,20 +29,20 @@ class Triage:
 
     def __init__(self, model: str | Path | None = None, lang: str = "en", threads: int | None = None) -> None:
         self.lang = check_lang(lang)
-        self.engine = Engine(model, threads=threads)
+        self.predictor = Predictor(model, threads=threads)
 
     def __repr__(self) -> str:
-        return f"Triage({str(self.engine.dir)!r}, model={self.model.name!r} {self.model.version!r})"
+        return f"Triage({str(self.predictor.dir)!r}, model={self.model.name!r} {self.model.version!r})"
 
     @property
     def model(self) -> ModelInfo:
         """Name, version and sha256 of the model that answers."""
-        return ModelInfo(**self.engine.info)
+        return self.predictor.model
 
     @property
     def classes(self) -> list[str]:
         """The class ids, in the order of the probabilities."""
-        return list(self.engine.meta["classes"])
+        return list(self.predictor.meta.classes)
 
     def predict(self, path: str | Path, heatmap: bool = False) -> Prediction:
         """One image file (PNG, JPEG, BMP, TIFF, WebP or DICOM); ``heatmap`` adds the overlay as an RGB array."""
@@ -66,7 +65,8 @@ class Triage:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         files = [str(p) for p in paths]
         out_dir = Path(heatmap_dir) if heatmap_dir is not None else None
-        preds = predict_paths(self.engine, files, self.lang, out_dir, batch_size, heatmaps=heatmaps)
+        scored = self.predictor.predict_files(files, self.lang, out_dir, batch_size, heatmaps=heatmaps)
+        preds = (s.prediction for s in scored)
         if progress:
             from rich.progress import track
 
@@ -78,6 +78,4 @@ class Triage:
         scaled) or an H x W x 3/4 RGB(A) array, e.g. from ``pydicom``'s ``pixel_array`` or ``PIL``."""
         if not isinstance(image, np.ndarray):
             raise ValueError(f"predict_array needs a numpy array, got {type(image).__name__}; use predict() for files")
-        info: dict[str, float] = {}
-        grey = load_grey(image, info=info)
-        return predict_grey(self.engine, grey, name, self.lang, heatmap, colour=info.get("colourfulness", 0.0))
+        return self.predictor.predict(image, path=name, lang=self.lang, heatmap=heatmap)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from cxr_triage import __version__
+from cxr_triage._version import __version__
 from cxr_triage.core.extras import as_missing_extra
 
 app = typer.Typer(
@@ -253,6 +253,13 @@ def export(
     )
 
 
+def _export_bundle(*args: Any, **kwargs: Any) -> Any:
+    """``training.export.export_bundle``, imported when a checkpoint is evaluated (torch only on that path)."""
+    from cxr_triage.training.export import export_bundle
+
+    return export_bundle(*args, **kwargs)
+
+
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option("--model", help="Bundle folder or checkpoint.")],
@@ -285,6 +292,7 @@ def evaluate(
                 gallery=gallery,
                 seed=seed,
                 ood=ood,
+                export=_export_bundle,
             )
     except (BundleError, DatasetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -312,10 +320,10 @@ def predict(
     workers: Annotated[int, typer.Option(help="--engine ray: scoring actors (each loads the model once).")] = 2,
 ) -> None:
     """Classify chest X-rays with triage advice; exit 3 if any input could not be read."""
-    from cxr_triage.runtime.engine import BundleError, Engine
+    from cxr_triage.runtime.engine import BundleError
     from cxr_triage.runtime.formats import FORMATS, write_rows
     from cxr_triage.runtime.i18n import LANGS
-    from cxr_triage.runtime.predict import predict_paths
+    from cxr_triage.runtime.predictor import Predictor
 
     if fmt not in FORMATS:
         _fail(f"unknown --format {fmt!r}; use table, csv or json")
@@ -330,10 +338,11 @@ def predict(
         _fail(f"unknown --engine {engine_name!r}; use local or ray")
     files = _inputs(paths)
     try:
-        engine = Engine(model)
+        predictor = Predictor(model)
     except BundleError as exc:
         _fail(str(exc))
-    preds = list(_progress("predicting")(predict_paths(engine, files, lang, heatmaps, batch_size), len(files)))
+    scored = predictor.predict_files(files, lang, heatmaps, batch_size)
+    preds = [s.prediction for s in _progress("predicting")(scored, len(files))]
     if fmt == "table":
         _print_table(preds, lang)
     elif out is not None:
@@ -412,7 +421,7 @@ def _predict_archive(
 ) -> None:
     """``predict --engine ray``: score_archive into a Parquet (or CSV) file; resumable."""
     try:
-        from cxr_triage.runtime.archive import ArchiveError, score_archive
+        from cxr_triage.batch.archive import ArchiveError, score_archive
     except ImportError as exc:
         _fail(f"--engine ray needs Ray Data ({exc}); install it with: pip install 'cxr-triage[scale]'")
     if out is None or fmt == "json":
@@ -422,9 +431,9 @@ def _predict_archive(
         s = score_archive(paths, out, fmt="csv" if fmt == "csv" else None, progress=_progress("scoring"), **opts)
     except (ArchiveError, ValueError) as exc:
         _fail(str(exc))
-    console.print(
-        f"wrote {s.total} rows to {s.out} ({s.scored} scored now, {s.skipped} already there, {s.errors} errors)"
-    )
+    dropped = f"; {s.dropped} older rows dropped (file changed or no longer given)" if s.dropped else ""
+    done = f"{s.scored} scored now, {s.skipped} already there, {s.errors} errors{dropped}"
+    console.print(escape(f"wrote {s.total} rows to {s.out} ({done})"))
     if s.errors:
         raise typer.Exit(3)
 
@@ -458,7 +467,7 @@ def seal(
     with --segmenter, swap a whole-image classifier's lung segmenter first."""
     from cxr_triage.runtime.bundle import BundleError
     from cxr_triage.runtime.bundle import seal as seal_bundle
-    from cxr_triage.runtime.engine import Engine
+    from cxr_triage.runtime.predictor import Predictor
 
     try:
         if segmenter is not None:
@@ -466,7 +475,7 @@ def seal(
 
             replace_segmenter(bundle, segmenter)
         seal_bundle(bundle)
-        Engine(bundle)  # the sealed bundle must load: arrays and graph included
+        Predictor(bundle)  # the sealed bundle must load: arrays and graph included
     except BundleError as exc:
         _fail(str(exc))
     console.print(escape(f"sealed: {bundle / 'SHA256SUMS'}"))
@@ -484,21 +493,53 @@ def serve(
     ] = None,
     workers: Annotated[int, typer.Option(help="Uploads decoded and scored at once; more wait, then get 503.")] = 2,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 beyond).")] = 20.0,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", help="Token hashes (`cxr-triage token new`): /api/* then needs a Bearer token."),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve beyond loopback without tokens (anyone who can connect).")
+    ] = False,
+    ssl_certfile: Annotated[Path | None, typer.Option("--ssl-certfile", help="HTTPS: certificate chain (PEM).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="HTTPS: private key (PEM).")] = None,
 ) -> None:
-    """Web page and JSON API (FastAPI + uvicorn; the [serve] extra); limits and timeouts as in README "Reliability"."""
+    """Web page and JSON API (FastAPI + uvicorn; the [serve] extra); limits and timeouts as in README "Reliability",
+    tokens and HTTPS as in "Deploying in a hospital"."""
     from cxr_triage.runtime.engine import BundleError
 
     with _needs("serve", "serve"):
-        from cxr_triage.service import run
-        from cxr_triage.service_guard import ServiceLimits
+        from cxr_triage.serve.app import run
+        from cxr_triage.serve.guard import ServiceLimits
 
     try:
         limits = ServiceLimits(max_upload_mb=max_upload_mb, workers=workers)
         if allowed_host:
             limits = dataclasses.replace(limits, allowed_hosts=tuple(allowed_host))
-        run(host=host, port=port, bundle_dir=model, limits=limits, store=store)
+        access = {"token_file": token_file, "no_auth": no_auth}
+        tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
+        run(host=host, port=port, bundle_dir=model, limits=limits, store=store, **access, **tls)
     except (BundleError, ValueError) as exc:
         _fail(str(exc))
+
+
+token_app = typer.Typer(no_args_is_help=True, help="Access tokens for `serve --token-file`.")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("new")
+def token_new(
+    out: Annotated[Path, typer.Option("--out", help="Token file: the new token's sha256 is appended to it.")],
+) -> None:
+    """Make a new access token: printed once, alone on stdout; only its hash is kept (appended to --out)."""
+    with _needs("serve", "token"):
+        from cxr_triage.serve.auth import add_token
+
+    try:
+        token = add_token(out)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(token)
+    console.print(escape(f"its sha256 was appended to {out}; keep the token secret, it is not shown again"))
 
 
 @app.command("dicom-node")
@@ -509,19 +550,50 @@ def dicom_node(
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
     store: Annotated[Path | None, typer.Option("--store", help="Folder for the worklist (SQLite).")] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Bundle folder (default: the shipped one).")] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", help="A peer that may send: AET@HOST (HOST: address, network or name; AET * = any)."),
+    ] = None,
+    allow_file: Annotated[
+        Path | None, typer.Option("--allow-file", help="File of peers that may send: one AET@HOST a line.")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="DICOM TLS: the node certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="DICOM TLS: its private key (PEM).")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="DICOM TLS: require peer certificates signed by this CA (PEM).")
+    ] = None,
+    max_associations: Annotated[int, typer.Option(help="Associations at once.")] = 10,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds a peer may stay silent in an association.")] = 10.0,
+    acse_timeout: Annotated[float, typer.Option(help="Seconds from connecting to the association request.")] = 5.0,
+    max_instance_mb: Annotated[int, typer.Option(help="Largest instance taken (MB); larger ones are refused.")] = 96,
+    send_timeout: Annotated[float, typer.Option(help="Seconds the PACS may take to answer when sent results.")] = 60.0,
+    retry_delay: Annotated[float, typer.Option(help="Seconds before a result not taken is tried again.")] = 10.0,
+    retry_max_delay: Annotated[float, typer.Option(help="Longest wait between retries (the delay doubles).")] = 600.0,
+    give_up_hours: Annotated[float, typer.Option(help="Hours of retrying before a result is marked failed.")] = 72.0,
 ) -> None:
     """DICOM node: takes CR/DX/Secondary Capture chest X-rays (C-STORE, C-ECHO) and sends back a Structured
     Report and a heatmap picture into the same study. Research use only; not for diagnosis."""
     try:
-        from cxr_triage.dicom_node import run
+        from cxr_triage.dicom.node import run
     except ImportError as exc:
         _fail(f"the DICOM node needs the [dicom] extra ({exc.name} is missing): pip install 'cxr-triage[dicom]'")
-    from cxr_triage.runtime.dicom_triage import parse_peer
+    from cxr_triage.dicom.access import Access, read_allow_file, tls_context
+    from cxr_triage.dicom.outbox import RetryPolicy
+    from cxr_triage.dicom.send import parse_peer
+    from cxr_triage.dicom.server import NodeLimits
     from cxr_triage.runtime.engine import BundleError
 
     try:
         parse_peer(send_to)
-        run(aet, port, send_to, store, model, host)
+        access = Access.from_entries(aet, [*(allow or []), *(read_allow_file(allow_file) if allow_file else [])])
+        if allow_file is not None and access.is_open:
+            raise ValueError(f"the allow-list {allow_file} names no peer; add AET@HOST lines")
+        if (tls_cert is None) != (tls_key is None) or (tls_ca is not None and tls_cert is None):
+            raise ValueError("DICOM TLS needs both --tls-cert and --tls-key (and --tls-ca only with them)")
+        tls = tls_context(tls_cert, tls_key, tls_ca) if tls_cert is not None and tls_key is not None else None
+        limits = NodeLimits(max_associations, acse_timeout, idle_timeout, max_instance_mb)
+        retry = RetryPolicy(retry_delay, retry_max_delay, give_up_hours * 3600, send_timeout)
+        run(aet, port, send_to, store, model, host, access=access, limits=limits, tls=tls, retry=retry)
     except (ValueError, BundleError) as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -34,11 +34,3 @@ def normalise_name(name: str) -> str:
 def class_from_name(name: str) -> str | None:
     """Map a folder name or label ("Viral Pneumonia", "LUNG-OPACITY", "covid") to a class id, or None."""
     return _ALIASES.get(normalise_name(name))
-
-
-def class_index(class_id: str) -> int:
-    """Index of a class id in CLASS_IDS; raises ValueError naming the valid ids."""
-    try:
-        return CLASS_IDS.index(class_id)
-    except ValueError:
-        raise ValueError(f"unknown class id {class_id!r}; expected one of {', '.join(CLASS_IDS)}") from None

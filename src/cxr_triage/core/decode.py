@@ -19,12 +19,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr_triage.core import limits
-from cxr_triage.core.errors import ImageReadError
+from cxr_triage.core import dicom, limits
+from cxr_triage.core.errors import ImageReadError, over_budget
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF", b"GIF8")
+_KIND_MAGIC = (  # (offset, bytes, kind): what ``image_kind`` accepts
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"\xff\xd8\xff", "jpeg"),
+    (128, b"DICM", "dicom"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (8, b"WEBP", "webp"),
+)
 _SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
 _SPECIAL += ((stat.S_ISBLK, "a block device"),)
 
@@ -32,10 +41,25 @@ Source = str | Path | bytes | np.ndarray | Image.Image
 
 
 def is_dicom(head: bytes, name: str = "") -> bool:
-    """DICOM by content (the 'DICM' marker); a .dcm name counts only when the bytes are no known image type."""
+    """Which decoder reads bytes already taken in: DICOM by content (the 'DICM' marker); a .dcm name counts only when
+    the bytes are no known image type (pydicom then says what is wrong with them). Lenient where ``image_kind``,
+    the check at the door, is strict."""
     if head[128:132] == b"DICM":
         return True
     return Path(name).suffix.lower() in DICOM_SUFFIXES and not head.startswith(_IMAGE_MAGIC)
+
+
+def image_kind(head: bytes, name: str = "") -> str | None:
+    """The kind of image the first 132 bytes show (png, jpeg, dicom, bmp, tiff, webp), or None for anything else:
+    the strict check at the door (the web service answers None with 415 before reading the rest). Unlike
+    ``is_dicom``, a .dcm name alone is not enough: DICOM without its 128-byte preamble must start with a group
+    0002 or 0008 tag (little endian)."""
+    for offset, magic, kind in _KIND_MAGIC:
+        if head[offset : offset + len(magic)] == magic and (kind != "webp" or head[:4] == b"RIFF"):
+            return kind
+    if Path(name).suffix.lower() in DICOM_SUFFIXES and head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return "dicom"
+    return None
 
 
 def _stat(path: Path) -> os.stat_result:
@@ -86,14 +110,6 @@ def read_file(path: str | Path) -> bytes:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n:,} bytes"
-
-
-def over_budget(label: str, width: int, height: int, frames: int = 1) -> ImageReadError:
-    return ImageReadError(
-        f"{label}: image is {width}x{height} pixels{f' x {frames} frames' if frames > 1 else ''}, over the "
-        f"{limits.MAX_PIXELS:,}-pixel limit; downscale it first",
-        "too_large",
-    )
 
 
 def _reduce_jpeg(im: Image.Image, label: str) -> None:
@@ -189,10 +205,8 @@ def _decode_bytes(data: bytes, label: str, name: str, info: dict | None) -> np.n
     if not data:
         raise ImageReadError(f"{label}: file is empty (0 bytes)", "empty")
     if is_dicom(data[:132], name):
-        from cxr_triage.core.dicom import read_dicom
-
         try:
-            return array_to_grey(read_dicom(data, label))
+            return array_to_grey(dicom.read_dicom(data, label))
         except (ImageReadError, MemoryError):
             raise
         except Exception as exc:  # the type only: pydicom's messages may quote the file's elements (patient data)

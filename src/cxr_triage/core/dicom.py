@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 
 from cxr_triage.core import limits
-from cxr_triage.core.errors import ImageReadError
+from cxr_triage.core.errors import ImageReadError, over_budget
 
 log = logging.getLogger(__name__)
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -73,17 +73,41 @@ def check_deflated(data: bytes, label: str) -> None:
         header = _header_of_deflated(zlib.decompressobj(-zlib.MAX_WBITS), data[start:])
         if header is not None and "Rows" in header:
             check_budget(header, label)
-        stream, total, chunk = zlib.decompressobj(-zlib.MAX_WBITS), 0, data[start:]
-        while chunk and total <= cap:
-            total += len(stream.decompress(chunk, 1 << 20))
-            chunk = stream.unconsumed_tail
+        _check_inflated_size(data[start:], cap, label)
     except zlib.error:
         raise ImageReadError(f"{label}: deflated DICOM data is corrupt; export the image again", "corrupt") from None
+
+
+def _check_inflated_size(deflated: bytes, cap: int, label: str) -> None:
+    """Count what a raw deflate stream inflates to, 1 MB at a time and never held; refuse it once over ``cap``."""
+    stream, total, chunk = zlib.decompressobj(-zlib.MAX_WBITS), 0, deflated
+    while chunk and total <= cap:
+        total += len(stream.decompress(chunk, 1 << 20))
+        chunk = stream.unconsumed_tail
     if total > cap:
         raise ImageReadError(
             f"{label}: deflated DICOM inflates to over {cap // 2**20} MB; export the image uncompressed or smaller",
             "too_large",
         )
+
+
+def read_header(data: bytes, max_inflated: int, label: str = "instance"):
+    """The elements before the pixel data (pydicom Dataset) of a Part-10 file. A deflated data set is never inflated
+    whole: its inflated size is counted against ``max_inflated`` (refused with ``too_large`` past it) and the header
+    is read from its first inflated MB (``corrupt`` when it runs longer)."""
+    import pydicom
+
+    start, syntax = meta_end(data) if data[128:132] == b"DICM" else (0, "")
+    if syntax != DEFLATED:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    try:
+        _check_inflated_size(data[start:], max_inflated, label)
+        header = _header_of_deflated(zlib.decompressobj(-zlib.MAX_WBITS), data[start:])
+    except zlib.error:
+        raise ImageReadError(f"{label}: deflated DICOM data is corrupt; send it again", "corrupt") from None
+    if header is None or "SOPInstanceUID" not in header:
+        raise ImageReadError(f"{label}: deflated DICOM header is unreadable or over 1 MB; send it uncompressed")
+    return header
 
 
 def _count(ds, keyword: str, default: int) -> int:
@@ -108,8 +132,6 @@ def check_budget(ds, label: str) -> None:
     if rows == 0 or cols == 0:
         raise ImageReadError("DICOM pixel data is incomplete (Rows or Columns missing or 0)", "corrupt")
     if rows * cols * frames > limits.MAX_PIXELS:
-        from cxr_triage.core.decode import over_budget
-
         raise over_budget(label, cols, rows, frames)
     if rows * cols * frames * samples * max(bits, 1) // 8 > limits.MAX_DECODED_BYTES:
         raise ImageReadError(
@@ -196,13 +218,16 @@ def read_dicom(data: bytes, label: str = "input") -> np.ndarray:
     check_budget(ds, label)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     pixels = _pixels(ds)
-    if pixels.ndim != 2:
-        if photometric.startswith("MONOCHROME"):
-            raise ImageReadError(f"DICOM pixel array has shape {pixels.shape}; expected one 2-D frame")
+    if pixels.ndim != 2 and (pixels.ndim != 3 or photometric.startswith("MONOCHROME")):
+        raise ImageReadError(f"DICOM pixel array has shape {pixels.shape}; expected one 2-D frame")
+    pixels, header = subsample(pixels), _lut_header(ds)
+    del ds  # the data set caches the full-size pixel array
+    if pixels.ndim == 3:  # colour (a Secondary Capture): luma, one channel at a time (no float copy of all three)
         from pydicom.pixels import convert_color_space
 
         rgb = convert_color_space(pixels, photometric, "RGB") if photometric.startswith("YBR") else pixels
-        return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    pixels, header = subsample(pixels), _lut_header(ds)
-    del ds  # the data set caches the full-size pixel array
+        grey = rgb[..., 0] * np.float32(0.299)
+        grey += rgb[..., 1] * np.float32(0.587)
+        grey += rgb[..., 2] * np.float32(0.114)
+        return grey
     return _display(pixels, header, photometric)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from cxr_triage.core import limits
+
 ReadErrorKind = Literal["missing", "not_a_file", "denied", "empty", "too_large", "unsupported", "corrupt"]
 
 
@@ -19,3 +21,12 @@ class ImageReadError(ValueError):
     def __init__(self, message: str, kind: ReadErrorKind = "corrupt") -> None:
         super().__init__(message)
         self.kind: ReadErrorKind = kind
+
+
+def over_budget(label: str, width: int, height: int, frames: int = 1) -> ImageReadError:
+    """The error for an image over ``limits.MAX_PIXELS``, known from its header (any reader: Pillow or DICOM)."""
+    return ImageReadError(
+        f"{label}: image is {width}x{height} pixels{f' x {frames} frames' if frames > 1 else ''}, over the "
+        f"{limits.MAX_PIXELS:,}-pixel limit; downscale it first",
+        "too_large",
+    )

@@ -1,7 +1,7 @@
 """Lung masks without torch: clean-up, geometry, the lung views of the classifier input, lung attention.
 
 A lung mask here is a 2-D bool array over an image (any size). The segmenter's raw output is cleaned by
-``clean_mask`` (the two largest components, holes filled); ``lung_box`` and ``lung_stats`` describe it;
+``cleaned`` (the two largest components, holes filled); ``lung_box`` and ``lung_stats`` describe it;
 ``lung_view`` turns (grey image, mask) into the classifier's square input for ``PreprocessSpec.lungs`` =
 ``crop`` (the lungs' bounding box plus a margin) or ``mask`` (the same, zero outside the mask, the lung
 intensities equalised inside the mask only, so that the mask's size cannot shift the grey levels).
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from scipy import ndimage
 
-from cxr_triage.core.preprocess import PreprocessSpec, square
+from cxr_triage.core.geometry import PreprocessSpec, SquareMap, resize_mask
 
 MIN_LUNG_FRACTION = 0.02  # a lung component smaller than this share of the image is noise
 # lung area share outside which predict rejects / abstains (validation split: 0.061 to 0.60, see RESULTS.md); the
@@ -44,15 +44,10 @@ class LungStats:
         return self.left_found and self.right_found
 
 
-def clean_mask(mask: np.ndarray, keep: int = 2) -> np.ndarray:
-    """Keep the ``keep`` largest connected components (each at least MIN_LUNG_FRACTION / 4 of the image), fill
-    holes: bool array of the same shape."""
-    return cleaned(mask, keep)[0]
-
-
 def cleaned(mask: np.ndarray, keep: int = 2) -> tuple[np.ndarray, int]:
-    """``clean_mask`` and the number of connected components (lung fields) of the result, known from the clean-up:
-    labelled again only when two kept fields may have been joined by a filled hole."""
+    """Keep the ``keep`` largest connected components (each at least MIN_LUNG_FRACTION / 4 of the image), fill
+    holes: (bool array of the same shape, its number of connected components (lung fields), known from the
+    clean-up: labelled again only when two kept fields may have been joined by a filled hole)."""
     mask = np.asarray(mask, bool)
     labels, n = ndimage.label(mask)
     if n == 0:
@@ -66,14 +61,10 @@ def cleaned(mask: np.ndarray, keep: int = 2) -> tuple[np.ndarray, int]:
     return out, len(order) if len(order) < 2 or not filled else int(ndimage.label(out)[1])
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Background components that do not touch the border become foreground (one labelling pass; scipy's
-    ``binary_fill_holes`` dilates iteratively and is ~10x slower at these sizes)."""
-    return _fill_holes(mask)[0]
-
-
 def _fill_holes(mask: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(``fill_holes(mask)``, whether any hole was filled)."""
+    """(the mask with its holes filled, whether any hole was filled): background components that do not touch the
+    border become foreground (one labelling pass; scipy's ``binary_fill_holes`` dilates iteratively and is ~10x
+    slower at these sizes)."""
     mask = np.asarray(mask, bool)
     bg, n = ndimage.label(~mask)
     if n == 0:
@@ -128,14 +119,6 @@ def atlas_overlap(mask: np.ndarray, atlas: np.ndarray) -> float:
     grid = coarse(mask, atlas.shape[0])
     total = float(grid.sum() + atlas.sum())
     return 2 * float((grid * atlas).sum()) / total if total > 0 else 0.0
-
-
-def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bool mask resized to (h, w) (bilinear on 0/255, then half threshold: smooth edges when upsampling)."""
-    if mask.shape == tuple(shape):
-        return np.asarray(mask, bool)
-    im = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-    return np.asarray(im) >= 128
 
 
 def lung_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
@@ -197,11 +180,12 @@ def crop_resize(arr: np.ndarray, box: tuple[int, int, int, int], size: int) -> n
 
 
 def input_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The image's lung mask in the classifier input's coordinates (what its heatmap covers): bool size x size."""
+    """The image's lung mask in the classifier input's coordinates (what its heatmap covers): bool size x size; the
+    spec's square (``SquareMap.apply``) or, for lung-view specs, the lung view's box."""
+    mask = np.asarray(mask, bool)
     if spec.lungs == "none":
-        geo = PreprocessSpec(size=spec.size, resize=spec.resize, border=spec.border, equalize=False)
-        return square(np.asarray(mask, np.uint8) * 255, geo) > 127
-    return crop_resize(np.asarray(mask, bool), view_box(mask, spec.lung_margin), spec.size)
+        return SquareMap(spec, mask.shape).apply(mask)
+    return crop_resize(mask, view_box(mask, spec.lung_margin), spec.size)
 
 
 @lru_cache(maxsize=64)

@@ -17,20 +17,20 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from cxr_triage.core.classes import CLASS_IDS, class_from_name, normalise_name
-from cxr_triage.core.preprocess import ImageReadError, load_grey
+from cxr_triage.core.preprocess import ImageReadError
 from cxr_triage.core.safe_text import csv_cell
 from cxr_triage.data.manifest import DatasetError, atomic_write_text, find_images, load_manifest, read_origins
 from cxr_triage.evaluation.metrics import LOGIT_COLS, P_COLS, summarise
 from cxr_triage.evaluation.report import attention_gallery, error_gallery, render_report
 from cxr_triage.runtime.bundle import write_meta
-from cxr_triage.runtime.engine import BundleError, Engine, Output, calibrated_probs, read_bundle_meta
-from cxr_triage.runtime.predict import predict_arrays, predict_paths
+from cxr_triage.runtime.engine import BundleError, read_bundle_meta
+from cxr_triage.runtime.predictor import Predictor
 
 __all__ = ["evaluate", "load_data", "ood_check", "predict_frame", "record_metrics", "render_report"]
 
@@ -143,8 +143,9 @@ def load_data(data: Path, split: str = "test") -> tuple[pd.DataFrame, str]:
     return _from_folder(data), "folder"
 
 
-def resolve_bundle(model: Path, workdir: Path, manifest: Path | None = None) -> Path:
-    """A bundle folder as is; a checkpoint is exported to ``workdir/bundle`` first (this imports torch)."""
+def resolve_bundle(model: Path, workdir: Path, manifest: Path | None = None, export: Exporter | None = None) -> Path:
+    """A bundle folder as is; a checkpoint is exported to ``workdir/bundle`` first with ``export`` (training's
+    ``export_bundle``, which imports torch; evaluation never imports training, its caller hands the exporter in)."""
     model = Path(model)
     if not model.exists():
         raise BundleError(
@@ -154,43 +155,37 @@ def resolve_bundle(model: Path, workdir: Path, manifest: Path | None = None) -> 
         return model
     if model.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise BundleError(f"{model} is neither a bundle folder nor a checkpoint (.pt/.pth/.ckpt)")
-    from cxr_triage.training.export import export_bundle  # torch only on this path
-
+    if export is None:
+        raise BundleError(
+            f"{model} is a checkpoint: export it to a bundle first (cxr-triage export), evaluate it with "
+            "`cxr-triage evaluate`, or pass export=cxr_triage.training.export.export_bundle"
+        )
     log.info("exporting %s to a temporary bundle", model)
-    export_bundle(model, workdir / "bundle", manifest=manifest, quantize="none")  # as trained: no int8
+    export(model, workdir / "bundle", manifest=manifest, quantize="none")  # as trained: no int8
     return workdir / "bundle"
 
 
-class _LogitRecorder:
-    """An Engine stand-in that keeps the raw logits of every batch ``predict_paths`` scores, in order."""
+class Exporter(Protocol):
+    """Checkpoint -> bundle folder: the signature of ``cxr_triage.training.export.export_bundle``."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.logits: list[np.ndarray] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def run(self, x: np.ndarray, colour: list[float] | None = None) -> Output:
-        out = self._engine.run(x, colour)
-        self.logits.append(out.logits)
-        return out
+    def __call__(self, checkpoint: Path, out: Path, /, *, manifest: Path | None, quantize: str) -> Any: ...
 
 
-def predict_frame(engine: Engine, frame: pd.DataFrame, batch_size: int = 32) -> pd.DataFrame:
+def predict_frame(predictor: Predictor, frame: pd.DataFrame, batch_size: int = 32) -> pd.DataFrame:
     """The rows plus pred, confidence, p_* (calibrated, unrounded), logit_*, decision, error, ood_score."""
-    recorder = _LogitRecorder(engine)
-    preds = list(predict_paths(recorder, list(frame["abspath"]), batch_size=batch_size))  # type: ignore[arg-type]
+    scored = list(predictor.predict_files(list(frame["abspath"]), batch_size=batch_size))
+    preds = [s.prediction for s in scored]
     out = frame.copy()
     out["decision"] = [p.decision for p in preds]
     out["error"] = [p.error or "" for p in preds]
     out["ood_score"] = [np.nan if p.ood_score is None else p.ood_score for p in preds]
     out["lung_attention"] = [np.nan if p.lung_attention is None else p.lung_attention for p in preds]
     ok = (out["decision"] != "error").to_numpy()
-    logits = np.concatenate(recorder.logits) if recorder.logits else np.zeros((0, len(CLASS_IDS)), np.float32)
+    ran = [s for s in scored if s.logits is not None]
+    logits = np.stack([s.logits for s in ran]) if ran else np.zeros((0, len(CLASS_IDS)), np.float32)
+    probs = np.stack([s.probs for s in ran]) if ran else np.zeros((0, len(CLASS_IDS)), np.float32)
     if len(logits) != ok.sum():
         raise RuntimeError(f"scored {len(logits)} images for {ok.sum()} readable rows")
-    probs = calibrated_probs(logits, engine.meta)
     for cols, values in ((P_COLS, probs), (LOGIT_COLS, logits)):
         block = np.full((len(out), len(CLASS_IDS)), np.nan)
         block[ok] = values
@@ -243,23 +238,17 @@ def ood_images(seed: int = 0) -> tuple[list[tuple[str, str, np.ndarray]], list[s
     return images, skipped
 
 
-def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict[str, Any]:
+def ood_check(predictor: Predictor, target: float = OOD_TARGET, seed: int = 0) -> dict[str, Any]:
     """Run the bundle over non-chest images (``ood_images``): rejected fraction overall and per image."""
     images, skipped = ood_images(seed)
-    greys, kept, colours = [], [], []
+    items, kept = [], []
     for name, source, arr in images:
         try:
-            info: dict[str, float] = {}
-            greys.append(load_grey(arr, info=info))
-            colours.append(info.get("colourfulness", 0.0))
+            items.append(predictor.decode(arr))
             kept.append((name, source))
         except ImageReadError as exc:
             skipped.append(f"{name} ({exc})")
-    preds = [
-        r
-        for i in range(0, len(greys), 32)
-        for r in predict_arrays(engine, greys[i : i + 32], None, colours=colours[i : i + 32])
-    ]
+    preds = [s.prediction for i in range(0, len(items), 32) for s in predictor.score(items[i : i + 32])]
     per_image = [
         {
             "name": name,
@@ -281,7 +270,7 @@ def ood_check(engine: Engine, target: float = OOD_TARGET, seed: int = 0) -> dict
         "rejected_fraction": frac,
         "target": target,
         "passed": frac >= target,
-        "threshold": engine.meta.get("ood", {}).get("threshold"),
+        "threshold": predictor.meta.ood.threshold,
         "images": per_image,
         "skipped": skipped,
     }
@@ -330,7 +319,8 @@ def _write(out_dir: Path, preds: pd.DataFrame, metrics: dict[str, Any]) -> None:
         *LOGIT_COLS,
     ]
     table = preds[cols].copy()
-    for c in table.select_dtypes(include="object").columns:  # text cells that look like formulas get a leading '
+    text = [c for c in table.columns if table[c].dtype == object or isinstance(table[c].dtype, pd.StringDtype)]
+    for c in text:  # text cells (object in pandas 2, str in pandas 3) that look like formulas get a leading '
         table[c] = table[c].map(csv_cell)
     atomic_write_text(out_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
@@ -347,11 +337,13 @@ def evaluate(
     record: bool = False,
     ood: bool | None = None,
     batch_size: int = 32,
+    export: Exporter | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``data``; write predictions.csv, metrics.json and report.html to ``out_dir``.
 
     ``ood`` (default: on for manifest data) adds the non-chest-image rejection check; ``record`` stores the
-    headline numbers in the bundle's model.json (bundle folders only).
+    headline numbers in the bundle's model.json (bundle folders only). A checkpoint ``model`` needs ``export``
+    (``cxr_triage.training.export.export_bundle``; the CLI passes it) to become a bundle first.
     """
     start = time.perf_counter()
     model, data, out_dir = Path(model), Path(data), Path(out_dir)
@@ -365,31 +357,32 @@ def evaluate(
     frame, kind = load_data(data, split)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cxr-eval-")))
-        bundle = resolve_bundle(model, tmp, data if kind == "manifest" else None)
-        engine = Engine(bundle)
+        bundle = resolve_bundle(model, tmp, data if kind == "manifest" else None, export)
+        predictor = Predictor(bundle)
         t_pred = time.perf_counter()
-        preds = predict_frame(engine, frame, batch_size)
+        preds = predict_frame(predictor, frame, batch_size)
         t_pred = time.perf_counter() - t_pred
         metrics = {
             "model": str(model),
-            "bundle": engine.info,
+            "bundle": predictor.info,
             "data": str(data),
             "kind": kind,
             "split": split if kind == "manifest" else "all",
             "evaluated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            **summarise(preds, engine.meta, bootstrap, seed),
+            **summarise(preds, predictor.meta, bootstrap, seed),
         }
         if ood if ood is not None else kind == "manifest":
-            metrics["ood"] = ood_check(engine)
+            metrics["ood"] = ood_check(predictor)
         metrics["timing"] = {
             "predict_s": round(t_pred, 2),
             "images_per_s": round(len(preds) / max(t_pred, 1e-9), 1),
         }
         out_dir.mkdir(parents=True, exist_ok=True)
-        items = error_gallery(engine, preds, gallery)
-        low_attention = attention_gallery(engine, preds, gallery)
-        if engine.segmenter is not None:
-            metrics["segmenter"] = {**engine.segmenter.info, "heldout": engine.segmenter.meta.get("heldout", {})}
+        items = error_gallery(predictor, preds, gallery)
+        low_attention = attention_gallery(predictor, preds, gallery)
+        if predictor.segmenter is not None:
+            seg = predictor.segmenter
+            metrics["segmenter"] = {**seg.info, "heldout": seg.meta.get("heldout", {})}
         metrics["timing"]["total_s"] = round(time.perf_counter() - start, 2)
         _write(out_dir, preds, metrics)
         render_report(metrics, preds, out_dir / "report.html", items, low_attention)

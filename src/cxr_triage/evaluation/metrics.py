@@ -16,6 +16,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.evaluation.calibrate import ece
+from cxr_triage.runtime.bundle import BundleMeta
 from cxr_triage.runtime.engine import DECISIONS, softmax
 
 K = len(CLASS_IDS)
@@ -161,13 +162,14 @@ def by_group(frame: pd.DataFrame, column: str, resamples: int, seed: int) -> dic
     return {v: score(frame[frame[column].astype(str) == v], resamples, seed) for v in values}
 
 
-def calibration(frame: pd.DataFrame, meta: dict[str, Any], bins: int = BINS) -> dict[str, Any]:
-    """ECE and reliability data of raw softmax(logits) and of the bundle's calibrated probabilities."""
+def calibration(frame: pd.DataFrame, meta: BundleMeta, bins: int = BINS) -> dict[str, Any]:
+    """ECE and reliability data of raw softmax(logits) and of the bundle's calibrated probabilities; the bundle's
+    temperature and logit bias (None when its model.json gives none)."""
     y, probs, logits, _ = _labelled(frame)
-    cal = meta.get("calibration", {})
+    cal = meta.calibration
     out = {
-        "temperature": float(cal.get("temperature", 1.0)),
-        "logit_bias": cal.get("logit_bias"),
+        "temperature": float(cal.temperature),
+        "logit_bias": cal.logit_bias if "logit_bias" in cal.model_fields_set else None,
         "bins": bins,
     }
     if len(y):
@@ -181,19 +183,19 @@ def calibration(frame: pd.DataFrame, meta: dict[str, Any], bins: int = BINS) -> 
     return out
 
 
-def abstention(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
+def abstention(frame: pd.DataFrame, meta: BundleMeta) -> dict[str, Any]:
     """The bundle's threshold; coverage and accuracy of accepted predictions here; the risk-coverage curve.
 
     "coverage"/"accuracy_accepted" follow the decisions (rejected and uncertain both left out);
     the "_confidence" pair applies the confidence threshold alone.
     """
-    ab = meta.get("abstain", {})
-    thr = float(ab.get("threshold", 0.0))
+    ab = meta.abstain
+    thr = float(ab.threshold)
     y, probs, _, lab = _labelled(frame)
     out = {
         "threshold": thr,
-        "target_accuracy": ab.get("target_accuracy"),
-        "val_coverage": ab.get("val_coverage"),
+        "target_accuracy": ab.target_accuracy,
+        "val_coverage": ab.val_coverage,
     }
     if len(y):
         conf, correct = probs.max(1), probs.argmax(1) == y
@@ -231,8 +233,9 @@ def attention(frame: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def summarise(frame: pd.DataFrame, meta: dict[str, Any], resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Everything metrics.json holds about a predictions frame (the OOD check aside)."""
+def summarise(frame: pd.DataFrame, meta: BundleMeta, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Everything metrics.json holds about a predictions frame (the OOD check aside); ``meta`` is the bundle's typed
+    model.json (``Bundle.meta``)."""
     out = score(frame, resamples, seed)
     out["by_origin"] = by_group(frame, "origin", resamples, seed)
     if (frame["copy_px"].astype(str) != "").any():

@@ -18,12 +18,12 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
-from cxr_triage.core.preprocess import ImageReadError, load_grey
+from cxr_triage.core.preprocess import ImageReadError
 from cxr_triage.data.eda import template_env
 from cxr_triage.data.manifest import atomic_write_text
 from cxr_triage.evaluation.metrics import P_COLS
-from cxr_triage.runtime.engine import Engine
-from cxr_triage.runtime.predict import png_bytes, predict_arrays
+from cxr_triage.runtime.predict import png_bytes
+from cxr_triage.runtime.predictor import Predictor
 
 log = logging.getLogger(__name__)
 GALLERY_PX = 256
@@ -150,17 +150,19 @@ def plot_risk_coverage(ab: dict[str, Any]) -> Figure:
     return fig
 
 
-def heatmap_gallery(engine: Engine, rows: pd.DataFrame, caption: Callable[[Any], str]) -> list[dict[str, str]]:
+def heatmap_gallery(predictor: Predictor, rows: pd.DataFrame, caption: Callable[[Any], str]) -> list[dict[str, str]]:
     """Heatmap overlays (predicted class, lung outline when there is a segmenter) with captions, for frame rows."""
     loaded = []
     for row in rows.itertuples():
         try:
-            loaded.append((row, load_grey(row.abspath)))
+            item = predictor.decode(row.abspath)
         except (ImageReadError, OSError):
             continue
+        item.colour = 0.0  # the gallery draws every image's map; the colour gate is not what it shows
+        loaded.append((row, item))
     if not loaded:
         return []
-    scored = predict_arrays(engine, [g for _, g in loaded], heatmaps=True)
+    scored = [s.prediction for s in predictor.score([it for _, it in loaded], heatmaps=True)]
     items = []
     for (row, _), r in zip(loaded, scored, strict=True):
         if r.heatmap is None:  # rejected: no heatmap is drawn
@@ -171,12 +173,12 @@ def heatmap_gallery(engine: Engine, rows: pd.DataFrame, caption: Callable[[Any],
     return items
 
 
-def error_gallery(engine: Engine, preds: pd.DataFrame, k: int = 12) -> list[dict[str, str]]:
+def error_gallery(predictor: Predictor, preds: pd.DataFrame, k: int = 12) -> list[dict[str, str]]:
     """The ``k`` most confident wrong predictions: heatmap overlay (of the predicted class) and caption."""
     wrong = preds[(preds["true"] != "") & (preds["decision"] != "error") & (preds["pred"] != preds["true"])]
     wrong = wrong.sort_values("confidence", ascending=False, kind="stable").head(max(k, 0))
     return heatmap_gallery(
-        engine,
+        predictor,
         wrong,
         lambda row: (
             f"true {DISPLAY_NAMES[row.true]} · predicted {DISPLAY_NAMES[row.pred]} "
@@ -185,13 +187,13 @@ def error_gallery(engine: Engine, preds: pd.DataFrame, k: int = 12) -> list[dict
     )
 
 
-def attention_gallery(engine: Engine, preds: pd.DataFrame, k: int = 12) -> list[dict[str, str]]:
+def attention_gallery(predictor: Predictor, preds: pd.DataFrame, k: int = 12) -> list[dict[str, str]]:
     """The ``k`` images whose heatmap has the least mass inside the lungs (lung attention), lowest first."""
     if "lung_attention" not in preds or preds["lung_attention"].isna().all():
         return []
     low = preds[preds["decision"] != "error"].sort_values("lung_attention", kind="stable").head(max(k, 0))
     return heatmap_gallery(
-        engine,
+        predictor,
         low,
         lambda row: (
             f"lung attention {row.lung_attention:.0%} · predicted {DISPLAY_NAMES[row.pred]} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-LANGS = ("en", "ko")
+from cxr_triage.runtime.i18n import LANGS
 
 NOTICE = {
     "en": "This is decision support for research and education, not a diagnosis. A clinician must confirm any finding.",

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,9 +53,12 @@ class Calibration(_Section):
 
 
 class Abstain(_Section):
-    """Below this confidence a prediction is 'uncertain'."""
+    """Below this confidence a prediction is 'uncertain'; the validation accuracy it was chosen for and the share
+    of validation images it accepted (both recorded by export, None when not)."""
 
     threshold: Unit = 0.0
+    target_accuracy: Unit | None = None
+    val_coverage: Unit | None = None
 
 
 class Gates(_Section):
@@ -198,6 +203,33 @@ def read_bundle_meta(bundle_dir: Path | str) -> dict[str, Any]:
     raw = _load_json(meta_path)
     _check_file_hashes(folder, validate_meta(raw, meta_path))
     return raw
+
+
+def default_bundle_dir() -> Path:
+    """The bundle shipped inside the package (``cxr_triage/assets/model``)."""
+    return Path(str(resources.files("cxr_triage") / "assets" / "model"))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A sealed, valid bundle's metadata: typed (``meta``), as written (``raw``, served as is), input geometry."""
+
+    dir: Path
+    meta: BundleMeta
+    raw: dict[str, Any]
+    spec: PreprocessSpec
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path | None = None) -> Bundle:
+        """The bundle in ``bundle_dir`` (None: the shipped one): seal, schema, file hashes checked; or BundleError."""
+        folder = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+        raw = read_bundle_meta(folder)
+        return cls(folder, validate_meta(raw, folder / "model.json"), raw, PreprocessSpec.from_dict(raw["preprocess"]))
+
+    @property
+    def info(self) -> dict[str, str]:
+        """Name, version and sha256 of model.onnx: which model answers."""
+        return {"name": self.meta.name, "version": self.meta.version, "sha256": self.meta.onnx_sha256}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""Model bundles and onnxruntime inference: probabilities, decision and heatmaps with numpy only (no torch).
+"""The classifier's onnxruntime session (``Engine``) and the numpy maths on its outputs: calibrated probabilities,
+out-of-distribution scores, class activation maps (no torch). ``runtime.predictor`` puts them together.
 
 A bundle is a folder: ``model.onnx`` (outputs ``logits`` and ``features``, the last feature map),
 ``extras.npz`` (classifier weights for class activation maps, out-of-distribution statistics) and
@@ -8,28 +9,21 @@ A bundle is a folder: ``model.onnx`` (outputs ``logits`` and ``features``, the l
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxr_triage.core.classes import CLASS_IDS
-from cxr_triage.core.preprocess import PreprocessSpec
 from cxr_triage.runtime.bundle import BUNDLE_FORMAT as BUNDLE_FORMAT
-from cxr_triage.runtime.bundle import BundleError, check_extras, read_bundle_meta
+from cxr_triage.runtime.bundle import Bundle, BundleError, Calibration, check_extras
+from cxr_triage.runtime.bundle import default_bundle_dir as default_bundle_dir
+from cxr_triage.runtime.bundle import read_bundle_meta as read_bundle_meta
 from cxr_triage.runtime.bundle import sha256_file as sha256_file
-from cxr_triage.runtime.reasons import decision_of, findings
+from cxr_triage.runtime.segment import LungSegmenter, segmenter_for
+from cxr_triage.runtime.session import cpu_session as cpu_session
 
 DECISIONS = ("accept", "uncertain", "rejected", "error")
-
-
-def default_bundle_dir() -> Path:
-    """The bundle shipped inside the package (``cxr_triage/assets/model``)."""
-    return Path(str(resources.files("cxr_triage") / "assets" / "model"))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -39,10 +33,18 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def calibrated_probs(logits: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """softmax((logits + class bias) / temperature), with the values stored in model.json."""
+    """softmax((logits + class bias) / temperature), with the values stored in model.json (as a dict)."""
     cal = meta.get("calibration", {})
-    bias = np.asarray(cal.get("logit_bias", np.zeros(len(CLASS_IDS))), np.float32)
-    return softmax((logits.astype(np.float32) + bias) / float(cal.get("temperature", 1.0)))
+    return _calibrated(logits, cal.get("logit_bias", np.zeros(len(CLASS_IDS))), cal.get("temperature", 1.0))
+
+
+def calibrate(logits: np.ndarray, cal: Calibration) -> np.ndarray:
+    """``calibrated_probs`` with a bundle's typed calibration block."""
+    return _calibrated(logits, cal.logit_bias, cal.temperature)
+
+
+def _calibrated(logits: np.ndarray, bias: Any, temperature: float) -> np.ndarray:
+    return softmax((logits.astype(np.float32) + np.asarray(bias, np.float32)) / float(temperature))
 
 
 def ood_scores(pooled: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndarray:
@@ -71,18 +73,6 @@ def pixel_residual(thumbs: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndar
     return np.sqrt(((t - (t @ p.T) @ p) ** 2).mean(axis=1)).astype(np.float32)
 
 
-def decide(confidence: float, ood: float, meta: dict[str, Any], pixel: float = 0.0, colour: float = 0.0) -> str:
-    """'rejected' when the input looks unlike a chest X-ray, 'uncertain' below the abstention threshold, 'error' when
-    a score is not finite.
-
-    Three gates, each fitted or fixed at export: unfamiliar network features (Mahalanobis), an unfamiliar
-    image layout (pixel-PCA residual), and colour (radiographs are grey). The rule is ``reasons.findings``.
-    """
-    if not all(math.isfinite(v) for v in (confidence, ood, pixel, colour)):
-        return "error"  # NaN compares False with every threshold: it must never fall through to 'accept'
-    return decision_of(findings(confidence, ood, meta, pixel, colour))
-
-
 def class_activation_map(features: np.ndarray, class_idx: int, extras: dict[str, np.ndarray]) -> np.ndarray:
     """CAM (= Grad-CAM for GAP + linear): ReLU(sum_k w_ck A_k), scaled to [0, 1]. features: (C, h, w)."""
     cam = np.tensordot(extras["cam_weight"][class_idx], features, axes=1)
@@ -90,43 +80,20 @@ def class_activation_map(features: np.ndarray, class_idx: int, extras: dict[str,
     return (cam / cam.max()).astype(np.float32) if cam.max() > 0 else cam.astype(np.float32)
 
 
-@dataclass
-class Output:
-    """Per-batch outputs: calibrated probabilities, raw logits, OOD score and decision per image."""
-
-    probs: np.ndarray
-    logits: np.ndarray
-    features: np.ndarray
-    ood: np.ndarray
-    pixel: np.ndarray
-    decisions: list[str]
-
-
-def cpu_session(model: Path, threads: int | None = None) -> Any:
-    """The onnxruntime CPU session both networks run in: ``threads`` intra-op threads (default: the cores, up to 4),
-    every graph optimisation (int8 QDQ graphs need it; fp32 ones get activations fused into convolutions), no
-    spin-waiting (steadier latency on shared CPUs)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-
-
 class Engine:
-    """An onnxruntime session over a bundle. Thread-safe for ``run`` (onnxruntime sessions are)."""
+    """A bundle's onnxruntime sessions: the classifier, with the arrays it is read with (``extras.npz``, checked
+    against the graph by one probe), and the lung segmenter it carries (or None). Thread-safe (onnxruntime sessions
+    are). ``runtime.predictor.Predictor`` owns the route from an image to a prediction."""
 
-    def __init__(self, bundle_dir: str | Path | None = None, threads: int | None = None) -> None:
-        self.dir = Path(bundle_dir) if bundle_dir else default_bundle_dir()
-        self.meta = read_bundle_meta(self.dir)  # sealed and valid, or BundleError
-        self.spec = PreprocessSpec.from_dict(self.meta["preprocess"])
+    def __init__(self, bundle: Bundle | str | Path | None = None, threads: int | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.dir, self.spec = self.bundle.dir, self.bundle.spec
+        spec = self.spec
         try:
             with np.load(self.dir / "extras.npz", allow_pickle=False) as z:
                 self.extras = {k: z[k] for k in z.files}
             self.session = cpu_session(self.dir / "model.onnx", threads)
-            x = np.zeros((1, 1, self.spec.size, self.spec.size), np.float32)
+            x = np.zeros((1, 1, spec.size, spec.size), np.float32)
             logits, feats = self.forward(x)  # one probe: the graph's outputs must fit extras.npz and the classes
         except BundleError:
             raise
@@ -135,35 +102,12 @@ class Engine:
         if logits.shape != (1, len(CLASS_IDS)) or feats.ndim != 4:
             raise BundleError(f"{self.dir}: model.onnx gives logits {logits.shape}, features {feats.shape}")
         check_extras(self.extras, feats.shape[1], thumbnails(x).shape[1])
-        from cxr_triage.runtime.segment import segmenter_for  # segment imports this module
-
-        self.segmenter = segmenter_for(self.dir, self.meta, self.spec)
-
-    @property
-    def info(self) -> dict[str, str]:
-        return {
-            "name": self.meta.get("name", "cxr-triage"),
-            "version": self.meta.get("version", ""),
-            "sha256": self.meta["onnx_sha256"],
-        }
+        self.segmenter: LungSegmenter | None = segmenter_for(self.bundle)
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw (logits, feature maps) for a float32 batch (N, 1, S, S)."""
         logits, feats = self.session.run(["logits", "features"], {"input": np.ascontiguousarray(x, np.float32)})
         return logits, feats
-
-    def run(self, x: np.ndarray, colour: list[float] | None = None) -> Output:
-        """Score a float32 batch; ``colour`` holds each input's colourfulness (0 for grey inputs)."""
-        logits, feats = self.forward(x)
-        probs = calibrated_probs(logits, self.meta)
-        ood = ood_scores(feats.mean(axis=(2, 3)), self.extras)
-        pix = pixel_residual(thumbnails(x), self.extras)
-        colour = colour if colour is not None else [0.0] * len(x)
-        decisions = [
-            decide(float(p.max()), float(o), self.meta, float(q), float(c))
-            for p, o, q, c in zip(probs, ood, pix, colour, strict=True)
-        ]
-        return Output(probs, logits, feats, ood, pix, decisions)
 
     def cam(self, features: np.ndarray, class_idx: int) -> np.ndarray:
         return class_activation_map(features, class_idx, self.extras)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from cxr_triage.core.safe_text import csv_cell as safe_cell
+from cxr_triage.core.safe_text import csv_cell
 from cxr_triage.runtime import i18n
 from cxr_triage.runtime.advice import NOTICE
 from cxr_triage.runtime.prediction import CSV_COLUMNS, Prediction
@@ -21,13 +21,10 @@ FORMATS = ("table", "csv", "json")
 TABLE_COLUMNS = ("image", "result", "confidence", "decision", "why", "advice")
 
 
-def csv_cell(value: Any) -> Any:
-    """One CSV cell: empty for None; text that starts like a formula gets a leading ' (OWASP, ``safe_text``)."""
-    return "" if value is None else str(safe_cell(value))
-
-
 def write_csv_rows(rows: Iterable[dict[str, Any]], out: TextIO) -> None:
-    """CSV of rows keyed by ``CSV_COLUMNS`` (``Prediction.csv_row``): a header, then one line per row."""
+    """CSV of rows keyed by ``CSV_COLUMNS`` (``Prediction.csv_row``): a header, then one line per row. Text that
+    starts like a formula gets a leading ' (``safe_text.csv_cell``); the csv module writes None as an empty cell and
+    other values as ``str`` does."""
     cells = [[csv_cell(r.get(c)) for c in CSV_COLUMNS] for r in rows]
     # csv quotes a field holding a character of the line terminator; a bare CR elsewhere would split the row
     cr = any(isinstance(v, str) and "\r" in v for row in cells for v in row)

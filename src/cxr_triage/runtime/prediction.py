@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.runtime import i18n
 from cxr_triage.runtime.advice import advice
-from cxr_triage.runtime.reasons import Finding, decision_of
+from cxr_triage.runtime.reasons import Finding
 
 ClassId = Literal["covid", "lung_opacity", "normal", "viral_pneumonia"]
 Decision = Literal["accept", "uncertain", "rejected", "error"]
@@ -140,15 +140,15 @@ class Prediction(BaseModel):
         cls,
         path: str,
         probs: np.ndarray,
+        decision: str,
         found: list[Finding],
         ood: float,
         model: ModelInfo,
         lang: str = "en",
         **extra: Any,
     ) -> Prediction:
-        """The prediction for calibrated probabilities and the findings that decided it; ``extra`` sets the
-        optional fields (heatmap, image, heatmap_path)."""
-        decision = decision_of(found)
+        """The prediction for calibrated probabilities, the decision and the findings that made it
+        (``reasons.judge``); ``extra`` sets the optional fields (heatmap, image, heatmap_path)."""
         k = int(np.argmax(probs))
         labelled = decision != "rejected"
         return cls(
@@ -196,17 +196,6 @@ class Prediction(BaseModel):
         top = self.label or (self.top(1)[0][0] if self.probabilities else "")
         reasons = [_reason(r.code, lang, r.value, r.limit, self.error or "") for r in self.reasons]
         return self.model_copy(update={"lang": lang, "advice": advice(top, self.decision, lang), "reasons": reasons})
-
-    def __getitem__(self, key: str) -> Any:
-        """Read a field by name, as from a row: ``pred["label"]``, ``pred["p_covid"]`` (KeyError if no such field)."""
-        if key not in type(self).model_fields:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """``pred[key]``, or ``default`` when the field does not exist or is None."""
-        value = getattr(self, key, None) if key in type(self).model_fields else None
-        return default if value is None else value
 
     def csv_row(self) -> dict[str, Any]:
         """The CSV columns (``CSV_COLUMNS``): the JSON form flattened; reasons joined by '; ', no images."""

