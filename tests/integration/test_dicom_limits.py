@@ -9,6 +9,7 @@ import io
 import socket
 import struct
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -34,6 +35,8 @@ from tests.integration.test_dicom_node import StandInPACS, free_port, store  # n
 
 NODE = "CXR_TRIAGE"
 LIMITS = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=1.0, max_instance_mb=2)
+# for the tests that hold bare connections open while they look at the count: none may time out meanwhile
+PATIENT_LIMITS = NodeLimits(max_associations=10, acse_timeout=60.0, idle_timeout=60.0, max_instance_mb=2)
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +85,57 @@ def test_room_is_made_again_when_the_association_request_arrives(pacs, monkeypat
     the request-time check must still free a slot. Here the accept-time check is switched off to force that."""
     port = free_port()
     access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
-    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=LIMITS)
+    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=PATIENT_LIMITS)
     try:
         sockets = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
         try:
             assert wait_until(lambda: len(server.active_associations) == 10, 5)
             real = server.make_room
-            monkeypatch.setattr(server, "make_room", lambda incoming=1: None if incoming else real(incoming))
+            monkeypatch.setattr(server, "make_room", lambda at_request: real(at_request) if at_request else None)
             assoc = echo(port)
             assert assoc.is_established
             assert assoc.send_c_echo().Status == 0
             assoc.release()
         finally:
+            for s in sockets:
+                s.close()
+    finally:
+        server.shutdown()
+
+
+def test_a_connection_whose_thread_has_not_started_is_counted(pacs, monkeypatch, caplog):
+    """pynetdicom counts association threads; a bare connection accepted just before a peer's, whose thread starts
+    between the node's check and pynetdicom's, would tip the count over the limit. The node counts accepted
+    connections from the moment they are accepted: here the tenth bare connection's thread is held back."""
+    port = free_port()
+    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
+    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=PATIENT_LIMITS)
+    release, held = threading.Event(), threading.Event()
+    real_finish, calls = server.finish_request, []
+
+    def finish_request(request, client_address):
+        calls.append(client_address)
+        if len(calls) == 10:  # the tenth bare connection: accepted, its association thread not started yet
+            held.set()
+            release.wait(10)
+        real_finish(request, client_address)
+
+    monkeypatch.setattr(server, "finish_request", finish_request)
+    try:
+        sockets = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
+        try:
+            assert held.wait(5) and wait_until(lambda: len(server.active_associations) == 9, 5)
+            with caplog.at_level("WARNING", logger="cxr_triage"):
+                assoc = echo(port)
+            assert assoc.is_established
+            assert "sent no association request" in caplog.text  # room was made for the held one too
+            release.set()
+            assert wait_until(lambda: len(calls) == 11 and server.starting == 0, 5)
+            assert len(server.active_associations) <= LIMITS.max_associations
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+        finally:
+            release.set()
             for s in sockets:
                 s.close()
     finally:
@@ -200,12 +242,17 @@ def test_header_reads_are_bounded(tmp_path):
     assert read_header(buf.getvalue(), 2**20).SOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_slow_work_is_not_taken_for_an_idle_peer(node, pacs, monkeypatch):
-    """The idle clock counts the peer's silence: an answer that took longer than idle_timeout keeps the association."""
+def test_slow_work_is_not_taken_for_an_idle_peer(pacs, monkeypatch):
+    """The idle clock counts the peer's silence: an answer that took longer than idle_timeout keeps the association.
+    (The peer then has idle_timeout to speak again; 2 s here, so that a busy runner does not decide the test.)"""
+    limits = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=2.0, max_instance_mb=2)
+    port = free_port()
+    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
+    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=limits)
     predict = dicom_triage.NodeTriage.predict
 
     def slow(self, data: bytes, header=None):
-        time.sleep(LIMITS.idle_timeout * 1.5)
+        time.sleep(limits.idle_timeout * 1.5)
         return predict(self, data, header)
 
     monkeypatch.setattr(dicom_triage.NodeTriage, "predict", slow)
@@ -213,12 +260,45 @@ def test_slow_work_is_not_taken_for_an_idle_peer(node, pacs, monkeypatch):
     ae = pynetdicom.AE(ae_title="MODALITY")
     ae.add_requested_context(ds.SOPClassUID)
     ae.add_requested_context(pynetdicom.sop_class.Verification)
-    assoc = ae.associate("127.0.0.1", node, ae_title=NODE)
     try:
-        assert assoc.send_c_store(ds).Status == SUCCESS
-        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+        try:
+            assert assoc.send_c_store(ds).Status == SUCCESS
+            assert assoc.is_established and assoc.send_c_echo().Status == 0
+        finally:
+            assoc.release()
     finally:
-        assoc.release()
+        server.shutdown()
+
+
+def test_the_idle_clock_restarts_when_the_answer_is_sent(pacs, monkeypatch):
+    """The answer leaves on another thread a moment after the work: the peer's idle_timeout runs from when it was
+    sent. Every DIMSE message here waits 0.55 × idle_timeout before it goes (the node's answer and the peer's next
+    request alike), so the next request arrives 1.1 × idle_timeout after the node last heard the peer, but 0.55 ×
+    after the node's answer."""
+    limits = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=3.0, max_instance_mb=2)
+    port = free_port()
+    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
+    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=limits)
+    send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
+
+    def late(self, primitive, context_id):
+        time.sleep(limits.idle_timeout * 0.55)
+        return send_msg(self, primitive, context_id)
+
+    ae = pynetdicom.AE(ae_title="MODALITY")
+    ae.add_requested_context(pynetdicom.sop_class.Verification)
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+        monkeypatch.setattr(pynetdicom.dimse.DIMSEServiceProvider, "send_msg", late)
+        try:
+            assert assoc.send_c_echo().Status == 0
+            assert assoc.send_c_echo().Status == 0  # 1.1 × idle_timeout after the node last heard the peer
+        finally:
+            monkeypatch.undo()
+            assoc.release()
+    finally:
+        server.shutdown()
 
 
 def test_limits_are_checked():

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification
 from cxr_triage.dicom.access import Access
 from cxr_triage.dicom.outbox import RetryPolicy
 from cxr_triage.dicom.send import StorageSCU, parse_peer
-from cxr_triage.dicom.server import InstanceCap, NodeLimits, bind, keep_alive, refuse_unwelcome
+from cxr_triage.dicom.server import InstanceCap, NodeLimits, answered, bind, keep_alive, refuse_unwelcome
 from cxr_triage.dicom.triage import SUPPORTED_SOP_CLASSES, NodeTriage, Outcome
 from cxr_triage.runtime.predictor import Predictor
 from cxr_triage.runtime.worklist import Worklist
@@ -120,6 +120,7 @@ def start(
         (evt.EVT_REQUESTED, refuse_unwelcome(access)),
         (evt.EVT_DATA_RECV, cap.on_data),
         (evt.EVT_CONN_CLOSE, cap.on_close),
+        (evt.EVT_PDU_SENT, answered),
     ]
     server = bind(make_ae(aet, limits), (host, port), access, limits, tls, handlers)
     server.on_shutdown.append(triage.outbox.stop)

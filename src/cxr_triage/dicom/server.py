@@ -101,10 +101,18 @@ class GuardedHandler(RequestHandler):
         negotiate = assoc.acse._negotiate_as_acceptor
 
         def negotiate_with_room() -> None:  # the slot count is checked again when the request arrives
-            self.server.make_room(incoming=0)
+            self.server.make_room(at_request=True)
             negotiate()
 
         assoc.acse._negotiate_as_acceptor = negotiate_with_room  # type: ignore[method-assign]
+        start = assoc.start
+
+        def start_counted() -> None:  # from "accepted" to "a running thread" in one step of the slot count
+            with self.server.room_lock:
+                start()
+                self.server.started()
+
+        assoc.start = start_counted  # type: ignore[method-assign]
         return assoc
 
 
@@ -116,6 +124,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.opened: weakref.WeakKeyDictionary[Association, float] = weakref.WeakKeyDictionary()
         self.on_shutdown: list[Callable[[], None]] = []  # e.g. stop the outbox
         self.room_lock = threading.Lock()
+        self.starting = 0  # connections accepted whose association thread has not started yet (not yet counted)
+        self.request_thread = threading.local()  # .waiting: this request thread's connection is in ``starting``
         super().__init__(*args, request_handler=GuardedHandler, **kw)
 
     def shutdown(self) -> None:
@@ -128,21 +138,24 @@ class GuardedServer(ThreadedAssociationServer):
         if not self.access.host_allowed(host):
             log.warning("connection from %s refused: the host is on no allow-list entry", printable(host))
             return False
-        self.make_room(incoming=1)
+        with self.room_lock:
+            self.starting += 1  # counted from now on, before its thread exists
+        self.make_room(at_request=False)
         return True
 
-    def make_room(self, incoming: int) -> None:
+    def make_room(self, at_request: bool) -> None:
         """All slots taken: close the oldest connection that has sent no association request (if any).
-        ``incoming`` is 1 when a connection is being accepted (not yet counted), 0 when an association request
-        has arrived on a counted one: pynetdicom refuses it if more than the limit are alive at that moment, and
-        a bare connection accepted a moment earlier must not cost an allowed peer its slot."""
+        Runs when a connection is accepted and again when an association request arrives: pynetdicom refuses the
+        request if more than the limit are alive at that moment, and a bare connection accepted a moment earlier
+        must not cost an allowed peer its slot. Accepted connections whose association thread has not started yet
+        count too (pynetdicom counts threads; one that starts between this check and pynetdicom's would tip it)."""
         with self.room_lock:
-            self._make_room(incoming)
+            self._make_room()
 
-    def _make_room(self, incoming: int) -> None:
+    def _make_room(self) -> None:
         while True:
             active = [a for a in self.active_associations if a.is_acceptor]
-            if len(active) + incoming <= self.limits.max_associations:
+            if len(active) + self.starting <= self.limits.max_associations:
                 return
             pending = [a for a in active if a.requestor.primitive is None]
             if not pending:
@@ -164,17 +177,28 @@ class GuardedServer(ThreadedAssociationServer):
             if oldest.is_alive():
                 return  # it did not end in time; pynetdicom's own count decides
 
+    def started(self) -> None:
+        """This request thread's connection now has a running association thread (call under ``room_lock``)."""
+        if getattr(self.request_thread, "waiting", False):
+            self.request_thread.waiting = False
+            self.starting -= 1
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.tls is not None:
-            try:
-                request.settimeout(self.limits.acse_timeout)
-                request = self.tls.wrap_socket(request, server_side=True)
-            except (OSError, ValueError) as exc:
-                host = printable(str(client_address[0]))
-                log.warning("connection from %s refused: TLS handshake failed (%s)", host, type(exc).__name__)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        self.request_thread.waiting = True
+        try:
+            if self.tls is not None:
+                try:
+                    request.settimeout(self.limits.acse_timeout)
+                    request = self.tls.wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as exc:
+                    host = printable(str(client_address[0]))
+                    log.warning("connection from %s refused: TLS handshake failed (%s)", host, type(exc).__name__)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.room_lock:
+                self.started()  # no association thread after all (a failed handshake): not waited for any more
 
 
 class InstanceCap:
@@ -258,11 +282,18 @@ def refuse_unwelcome(access: Access):
 
 
 def keep_alive(assoc: Association) -> None:
-    """Restart the idle clock after this node's own work (a C-STORE that took longer than ``idle_timeout`` to
-    answer is not the peer's silence)."""
+    """Restart the idle clock after this node's own work and whenever it has sent a PDU. pynetdicom restarts it only
+    on what it receives, so a C-STORE that took longer than ``idle_timeout`` to answer would be taken for the peer's
+    silence; that silence starts when the peer has had the answer (the answer is sent by another thread, a moment
+    after the work: hence both)."""
     timer = getattr(assoc.dul, "_idle_timer", None)
     if timer is not None:
         timer.restart()
+
+
+def answered(event: evt.Event) -> None:
+    """EVT_PDU_SENT: :func:`keep_alive`."""
+    keep_alive(event.assoc)
 
 
 def bind(
