@@ -28,10 +28,11 @@ sys.path.insert(0, str(REPO))
 import pynetdicom  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
 
+from tests.dicom_peers import StandInPACS  # noqa: E402
 from tests.dicom_samples import chest_dicom, write_large_dicom  # noqa: E402
 from tests.dicom_sender import send_in_child  # noqa: E402
-from tests.integration.test_dicom_node import StandInPACS  # noqa: E402
-from tests.orthanc import free_port, stop_process  # noqa: E402
+from tests.orthanc import stop_process  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 MB = 2**20
 

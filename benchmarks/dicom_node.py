@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.dicom_samples import SAMPLES, chest_dicom, sr_summary  # noqa: E402
-from tests.orthanc import NodeProcess, Orthanc, free_port  # noqa: E402
+from tests.orthanc import NodeProcess, Orthanc  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
@@ -149,3 +150,16 @@ def write_large_dicom(path: Path, pixel_bytes: int, deflated: bool = False, rgb:
         if pack:
             f.write(pack.flush())
     return path
+
+
+def sr_bytes(uid: str = "1.2.3.4") -> bytes:
+    """A small Part-10 file standing in for a result."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.ComprehensiveSRStorage, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.9", "SR"
+    ds.PatientName = "Doe^Jane"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

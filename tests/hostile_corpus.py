@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -173,3 +174,30 @@ def shared_hostile_files() -> list[Path]:
     if not SHARED_HOSTILE.is_dir():
         return []
     return sorted(p for p in SHARED_HOSTILE.iterdir() if p.is_file() and p.name != "README.md")
+
+
+FORMULA_NAMES = ("=1+2.png", "+SUM(1).png", "-2+3.png", "@A1.png", "\tstarts_with_tab.png")
+
+
+def odd_entries(root: Path) -> dict[str, str]:
+    """Entries in ``root`` that no repository can hold (written here, never committed); name -> expected decision
+    ('ok' or 'error')."""
+    png = encode(xray(), "PNG")
+    expected = {}
+    for name in (*FORMULA_NAMES, "scan[1].png", "new\nline.png"):
+        (root / name).write_bytes(png)
+        expected[name] = "ok"
+    (root / "IM0001").write_bytes(dicom())  # extensionless DICOM, as on CDs and PACS exports
+    (root / "image.001").write_bytes(dicom())  # any extension: recognised by the DICM preamble
+    (root / "loop_a.png").symlink_to("loop_b.png")
+    (root / "loop_b.png").symlink_to("loop_a.png")
+    (root / "dangling.png").symlink_to("no_such_target.png")
+    (root / "x.png").mkdir()
+    os.mkfifo(root / "fifo.png")
+    (root / "README").write_text("a text file without suffix gets an error row\n")
+    expected |= {"IM0001": "ok", "image.001": "ok", "README": "error"}
+    expected |= dict.fromkeys(("loop_a.png", "loop_b.png", "dangling.png", "x.png", "fifo.png"), "error")
+    (root / "notes.md").write_text("skipped\n")
+    (root / "list.csv").write_text("a,b\n")
+    (root / ".DS_Store").write_bytes(b"\0")
+    return expected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,19 +17,16 @@ import uvicorn
 from fastapi import FastAPI
 
 from cxr_triage.serve.guard import ServiceLimits, uvicorn_options
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def in_thread(app: FastAPI, limits: ServiceLimits) -> Iterator[str]:
-    """The app under uvicorn on 127.0.0.1 in a daemon thread; yields its base URL."""
+def in_thread(app: FastAPI, limits: ServiceLimits | None = None) -> Iterator[str]:
+    """The app under uvicorn on 127.0.0.1 in a daemon thread (the default service limits unless ``limits``); yields its
+    base URL."""
+    limits = limits or ServiceLimits()
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(limits))
     server = uvicorn.Server(config)

@@ -25,8 +25,8 @@ from cxr_triage.core.classes import CLASS_IDS
 from cxr_triage.runtime.predict import collect_inputs
 from cxr_triage.runtime.prediction import CSV_COLUMNS
 from cxr_triage.runtime.predictor import Predictor
+from tests.archive_rows import assert_same_rows, png_bytes
 from tests.conftest import class_image
-from tests.unit.test_archive import _assert_same, _png
 
 ray = pytest.importorskip("ray")
 archive = pytest.importorskip("cxr_triage.batch.archive")
@@ -48,7 +48,7 @@ def archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "bad").mkdir()
     (root / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "bad" / "empty.jpg").write_bytes(b"")
-    (root / "bad" / "tiny.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    (root / "bad" / "tiny.png").write_bytes(png_bytes(np.zeros((4, 4), np.uint8)))
     return root
 
 
@@ -78,7 +78,7 @@ def test_ray_rows_match_the_cli(local_ray, archive_dir: Path, cli_rows: dict, tm
     assert table.schema.field("p_covid").type == pa.float64()
     rows = table.to_pylist()
     assert [r["path"] for r in rows] == list(cli_rows)  # input order, one row each
-    _assert_same(rows, cli_rows)
+    assert_same_rows(rows, cli_rows)
     decisions = {r["decision"] for r in rows}
     assert {"accept", "error"} <= decisions and len(decisions) >= 3
     assert summary.total == len(cli_rows) == N_GENERATED + 16 + 4 and summary.scored == summary.total
@@ -138,7 +138,7 @@ def test_interrupted_job_resumes_and_survives_a_killed_worker(
     assert list(parsed[0]) == CSV_COLUMNS
     rows = read_results(out).to_pylist()
     assert len(rows) == len({r["path"] for r in rows}) == summary.total == len(cli_rows)
-    _assert_same(rows, cli_rows)
+    assert_same_rows(rows, cli_rows)
 
 
 def test_cli_engine_ray_writes_the_contract_columns(local_ray, archive_dir: Path, cli_rows: dict, tmp_path: Path):
@@ -153,4 +153,4 @@ def test_cli_engine_ray_writes_the_contract_columns(local_ray, archive_dir: Path
         assert reader.fieldnames == CSV_COLUMNS
         assert len(list(reader)) == 19
     expected = {p: r for p, r in cli_rows.items() if "/gen/" not in p and "missing" not in p}
-    _assert_same(read_results(out).to_pylist(), expected)
+    assert_same_rows(read_results(out).to_pylist(), expected)

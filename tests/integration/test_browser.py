@@ -10,10 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,79 +24,31 @@ from cxr_triage.runtime.prediction import ModelInfo, Prediction
 from cxr_triage.runtime.reasons import Finding
 from cxr_triage.serve.app import create_app
 from cxr_triage.serve.samples import list_samples
+from tests import chromium
+from tests.live_server import in_thread
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-try:
-    from playwright import sync_api
-except ImportError:
-    if IN_CI:
-        raise
-    pytest.skip("playwright (python) is not installed", allow_module_level=True)
+sync_api = chromium.sync_api()
 expect = sync_api.expect
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
-TIMEOUT_MS = 30_000
-
-
-def chromium_path() -> str | None:
-    """Debian's Chromium; ``CXR_TRIAGE_CHROMIUM`` names another binary (a missing one counts as no Chromium)."""
-    if "CXR_TRIAGE_CHROMIUM" in os.environ:
-        chosen = os.environ["CXR_TRIAGE_CHROMIUM"]
-        return chosen if Path(chosen).is_file() else None
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    return found or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The app under uvicorn on 127.0.0.1, a free port, in a background thread; yields its base URL.
+    """The app under uvicorn on 127.0.0.1 in a background thread; yields its base URL.
 
     The smoke bundle is asked for here, not as a parameter: session fixtures are set up before module ones, so a
     parameter would train the smoke model even when ``browser`` then skips (no Chromium)."""
-    import uvicorn
-
-    smoke_bundle = request.getfixturevalue("smoke_bundle")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(smoke_bundle), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with in_thread(create_app(request.getfixturevalue("smoke_bundle"))) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    path = chromium_path()
-    if path is None:
-        message = "no chromium binary found (install Debian's `chromium` package)"
-        if IN_CI:
-            pytest.fail(f"{message}; CI must run the browser tests")
-        pytest.skip(message)
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+    with chromium.launched() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
@@ -114,7 +62,7 @@ def sample(tmp_path: Path, class_image: Callable[..., np.ndarray]) -> Path:
 def upload_and_wait(page: object, base: str, sample: Path) -> None:
     page.goto(base + "/")
     page.set_input_files("#file-input", str(sample))
-    page.wait_for_selector("#result:not([hidden])", timeout=TIMEOUT_MS)
+    page.wait_for_selector("#result:not([hidden])", timeout=chromium.TIMEOUT_MS)
 
 
 def test_upload_heatmap_toggle_korean(browser: object, server: str, sample: Path, tmp_path: Path) -> None:
@@ -141,18 +89,18 @@ def test_upload_heatmap_toggle_korean(browser: object, server: str, sample: Path
     assert "not a diagnosis" in page.locator("#notice").inner_text()
     assert page.locator("#advice-text").inner_text().strip() == expected["advice"]
     for img in ("#heatmap-img", "#input-img"):  # the page's CSP forbids eval: wait with expect()
-        expect(page.locator(img)).to_have_js_property("complete", True, timeout=TIMEOUT_MS)
+        expect(page.locator(img)).to_have_js_property("complete", True, timeout=chromium.TIMEOUT_MS)
         assert page.eval_on_selector(img, "el => el.naturalWidth") == 288
     expect(page.locator("#heatmap-img")).to_have_css("opacity", "1")
     page.screenshot(path=str(tmp_path / "desktop.png"), full_page=True)
 
     page.locator("#heatmap-toggle").uncheck()
-    expect(page.locator("#heatmap-img")).to_have_css("opacity", "0", timeout=TIMEOUT_MS)
+    expect(page.locator("#heatmap-img")).to_have_css("opacity", "0", timeout=chromium.TIMEOUT_MS)
     page.locator("#heatmap-toggle").check()
-    expect(page.locator("#heatmap-img")).to_have_css("opacity", "1", timeout=TIMEOUT_MS)
+    expect(page.locator("#heatmap-img")).to_have_css("opacity", "1", timeout=chromium.TIMEOUT_MS)
 
     page.click("#lang-ko")
-    expect(page.locator("#advice-text")).to_have_text(HANGUL, timeout=TIMEOUT_MS)
+    expect(page.locator("#advice-text")).to_have_text(HANGUL, timeout=chromium.TIMEOUT_MS)
     assert HANGUL.search(page.locator("#advice-text").inner_text())
     assert HANGUL.search(page.locator("#notice").inner_text())
     assert page.locator("#lang-ko").get_attribute("aria-pressed") == "true"
@@ -211,7 +159,7 @@ def test_uncertain_is_shown_as_uncertain_first(browser: object, server: str, sam
     assert bars["y"] > a["y"] + a["height"]  # the bars come after
     assert page.locator("#reasons li").inner_text() == "confidence 0.50 is below the 0.98 cut-off"
     page.click("#lang-ko")
-    expect(page.locator("#reasons li")).to_have_text(HANGUL, timeout=TIMEOUT_MS)
+    expect(page.locator("#reasons li")).to_have_text(HANGUL, timeout=chromium.TIMEOUT_MS)
     assert first.inner_text().split()[:2] == CLASS_NAMES["ko"]["lung_opacity"].split()
     assert page.locator("#result-label").inner_text().strip() == DECISION_NAMES["ko"]["uncertain"]
     page.screenshot(path=str(tmp_path / "uncertain_ko.png"), full_page=True)
@@ -238,12 +186,12 @@ def test_clicking_a_sample_analyses_it(browser: object, server: str) -> None:
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(server + "/")
     buttons = page.locator("[data-testid=sample]")
-    expect(buttons).to_have_count(len(list_samples()), timeout=TIMEOUT_MS)
+    expect(buttons).to_have_count(len(list_samples()), timeout=chromium.TIMEOUT_MS)
     name = buttons.nth(2).get_attribute("data-name")
-    expect(buttons.nth(2).locator("img")).to_have_js_property("complete", True, timeout=TIMEOUT_MS)
+    expect(buttons.nth(2).locator("img")).to_have_js_property("complete", True, timeout=chromium.TIMEOUT_MS)
     assert buttons.nth(2).locator("img").evaluate("el => el.naturalWidth") > 0
     buttons.nth(2).click()
-    page.wait_for_selector("#result:not([hidden])", timeout=TIMEOUT_MS)
+    page.wait_for_selector("#result:not([hidden])", timeout=chromium.TIMEOUT_MS)
     assert page.locator("#file-name").inner_text() == name
     accept = page.locator("#file-input").get_attribute("accept")
     assert {".bmp", ".tif", ".tiff", ".webp", ".dcm"} <= set(accept.split(","))
@@ -263,8 +211,8 @@ def test_api_docs_render_offline(browser: object, server: str) -> None:
 
     page.route("**/*", local_only)
     page.goto(server + "/docs")
-    expect(page.locator(".swagger-ui .info .title")).to_contain_text("cxr-triage", timeout=TIMEOUT_MS)
-    expect(page.locator(".opblock").first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("cxr-triage", timeout=chromium.TIMEOUT_MS)
+    expect(page.locator(".opblock").first).to_be_visible(timeout=chromium.TIMEOUT_MS)
     assert page.locator(".opblock").count() >= 4 and outside == []
     page.close()
 
@@ -300,7 +248,7 @@ def test_korean_glyphs_are_drawn(browser: object, server: str, sample: Path, tmp
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     upload_and_wait(page, server, sample)
     page.click("#lang-ko")
-    expect(page.locator("#advice-text")).to_have_text(HANGUL, timeout=TIMEOUT_MS)
+    expect(page.locator("#advice-text")).to_have_text(HANGUL, timeout=chromium.TIMEOUT_MS)
     page.screenshot(path=str(tmp_path / "korean.png"), full_page=True)
     box_a, box_b = glyph(page, "\ue000"), glyph(page, "\ue001")
     assert differ(box_a, box_b) < 1.0  # missing glyphs all look alike: the check below can see a missing font
@@ -325,7 +273,9 @@ def test_glyph_check_sees_a_missing_cjk_font(browser: object, tmp_path: Path) ->
     if not Path("/usr/share/fonts/truetype/dejavu").is_dir():
         pytest.skip("Debian's DejaVu fonts are not installed")
     env = {**os.environ, "FONTCONFIG_FILE": str(conf)}
-    latin_only = browser.browser_type.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, env=env)
+    latin_only = browser.browser_type.launch(
+        executable_path=chromium.chromium_path(), args=chromium.CHROMIUM_ARGS, env=env
+    )
     try:
         page = latin_only.new_page()
         page.set_content("<!doctype html><body></body>")

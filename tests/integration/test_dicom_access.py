@@ -25,25 +25,9 @@ from cxr_triage.dicom import node as dicom_node  # noqa: E402
 from cxr_triage.dicom.access import Access, parse_allowed, peer_name, read_allow_file, tls_context  # noqa: E402
 from cxr_triage.dicom.server import NodeLimits  # noqa: E402
 from cxr_triage.dicom.triage import SUCCESS  # noqa: E402
+from tests.dicom_peers import NODE, StandInPACS, echo, store  # noqa: E402
 from tests.dicom_samples import chest_dicom  # noqa: E402
-from tests.integration.test_dicom_node import StandInPACS, free_port, store  # noqa: E402
-
-NODE = "CXR_TRIAGE"
-
-
-def echo(port: int, calling: str = "MODALITY", called: str = NODE, tls: tuple | None = None):
-    """An association that asks for C-ECHO; the association (established or not)."""
-    ae = pynetdicom.AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 5
-    return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls)
-
-
-@pytest.fixture(scope="module")
-def pacs() -> Iterator[StandInPACS]:
-    p = StandInPACS()
-    yield p
-    p.server.shutdown()
+from tests.ports import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -28,22 +28,14 @@ from cxr_triage.dicom import triage as dicom_triage  # noqa: E402
 from cxr_triage.dicom.access import Access  # noqa: E402
 from cxr_triage.dicom.server import MAX_PDU_READ, NodeLimits  # noqa: E402
 from cxr_triage.dicom.triage import SUCCESS, TOO_LARGE  # noqa: E402
+from tests.dicom_peers import NODE, StandInPACS, echo, store  # noqa: E402
 from tests.dicom_samples import chest_dicom, write_large_dicom  # noqa: E402
 from tests.dicom_sender import send_in_child  # noqa: E402
-from tests.integration.test_dicom_access import echo  # noqa: E402
-from tests.integration.test_dicom_node import StandInPACS, free_port, store  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
-NODE = "CXR_TRIAGE"
 LIMITS = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=1.0, max_instance_mb=2)
 # for the tests that hold bare connections open while they look at the count: none may time out meanwhile
 PATIENT_LIMITS = NodeLimits(max_associations=10, acse_timeout=60.0, idle_timeout=60.0, max_instance_mb=2)
-
-
-@pytest.fixture(scope="module")
-def pacs() -> Iterator[StandInPACS]:
-    p = StandInPACS()
-    yield p
-    p.server.shutdown()
 
 
 @pytest.fixture(scope="module")

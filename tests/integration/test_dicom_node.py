@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,60 +23,13 @@ from pydicom.uid import (
 pynetdicom = pytest.importorskip("pynetdicom", reason="the [dicom] extra is not installed")
 
 from cxr_triage.dicom import node as dicom_node  # noqa: E402
-from cxr_triage.dicom.send import RESULT_SOP_CLASSES, Delivery, parse_peer  # noqa: E402
+from cxr_triage.dicom.send import Delivery, parse_peer  # noqa: E402
 from cxr_triage.dicom.triage import SOP_CLASS_NOT_SUPPORTED, SUCCESS  # noqa: E402
 from cxr_triage.runtime.predictor import Predictor  # noqa: E402
 from cxr_triage.runtime.worklist import read_worklist  # noqa: E402
+from tests.dicom_peers import StandInPACS, scu, store  # noqa: E402
 from tests.dicom_samples import FILED_STRINGS, PRIVATE_STRINGS, chest_dicom, sr_summary  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class StandInPACS:
-    """A Storage SCP that keeps what it receives (the node's results) and answers ``status`` to each C-STORE."""
-
-    def __init__(self, status: int = 0x0000, max_associations: int = 10) -> None:
-        self.received: list[Dataset] = []
-        self.port, self.status = free_port(), status
-        self.ae = pynetdicom.AE(ae_title="PACS")
-        self.ae.require_called_aet = True
-        self.ae.maximum_associations = max_associations
-        for sop_class in RESULT_SOP_CLASSES:
-            self.ae.add_supported_context(sop_class)
-        self.server = self.ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(pynetdicom.evt.EVT_C_STORE, self.on_store)]
-        )
-        self.lock = threading.Lock()
-
-    def on_store(self, event: pynetdicom.events.Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        with self.lock:
-            self.received.append(ds)
-        return self.status
-
-    def take(self) -> list[Dataset]:
-        with self.lock:
-            out, self.received = self.received, []
-        return out
-
-    def wait(self, n: int, timeout: float = 30) -> list[Dataset]:
-        """The results received once ``n`` have arrived (the node's outbox sends them after answering)."""
-        deadline = time.monotonic() + timeout
-        while len(self.received) < n and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.take()
-
-
-@pytest.fixture(scope="module")
-def pacs() -> Iterator[StandInPACS]:
-    p = StandInPACS()
-    yield p
-    p.server.shutdown()
+from tests.ports import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +39,6 @@ def node(pacs: StandInPACS, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server = dicom_node.start("CXR_TRIAGE", port, f"PACS@127.0.0.1:{pacs.port}", store=store)
     yield port, store
     server.shutdown()
-
-
-def scu(*sop_classes: str) -> pynetdicom.AE:
-    ae = pynetdicom.AE(ae_title="MODALITY")
-    for sop_class in sop_classes:
-        ae.add_requested_context(sop_class)
-    return ae
-
-
-def store(port: int, data: bytes) -> int:
-    """C-STORE one Part-10 file to the node; its status."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    assoc = scu(ds.SOPClassUID).associate("127.0.0.1", port, ae_title="CXR_TRIAGE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(ds).Status)
-    finally:
-        assoc.release()
 
 
 def test_parse_peer():

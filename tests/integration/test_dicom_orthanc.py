@@ -19,7 +19,8 @@ pytest.importorskip("httpx")
 from cxr_triage.runtime.predictor import Predictor  # noqa: E402
 from cxr_triage.runtime.worklist import read_worklist  # noqa: E402
 from tests.dicom_samples import FILED, FILED_STRINGS, PRIVATE_STRINGS, chest_dicom, sr_summary  # noqa: E402
-from tests.orthanc import NodeProcess, Orthanc, free_port, orthanc_binary  # noqa: E402
+from tests.orthanc import NodeProcess, Orthanc, orthanc_binary  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.orthanc
 

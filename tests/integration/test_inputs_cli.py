@@ -14,8 +14,7 @@ import pytest
 
 from cxr_triage.core.safe_text import FORMULA_START
 from tests.conftest import REPO
-from tests.hostile_corpus import SHARED_HOSTILE, encode, write_corpus, xray
-from tests.unit.test_inputs import odd_entries
+from tests.hostile_corpus import SHARED_HOSTILE, encode, odd_entries, write_corpus, xray
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 pynetdicom = pytest.importorskip("pynetdicom", reason="the [dicom] extra is not installed")
 
 from cxr_triage.dicom.send import Peer, StorageSCU, from_status  # noqa: E402
-from tests.integration.test_dicom_node import StandInPACS  # noqa: E402
-from tests.unit.test_outbox import sr_bytes  # noqa: E402
+from tests.dicom_peers import StandInPACS  # noqa: E402
+from tests.dicom_samples import sr_bytes  # noqa: E402
 
 
 def sr_dataset() -> Dataset:

@@ -20,7 +20,7 @@ from cxr_triage.core.config import load_config
 from cxr_triage.core.lungs import input_mask, lung_attention, lung_stats
 from cxr_triage.core.preprocess import PreprocessSpec
 from tests.conftest import REPO
-from tests.unit.test_segment import chest, write_pairs
+from tests.lung_pairs import chest, write_pairs
 
 
 def write_extra_masked(root: Path, seed: int, n: int = 6) -> Path:

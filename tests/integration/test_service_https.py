@@ -18,7 +18,7 @@ import uvicorn
 from cxr_triage.serve.app import create_app
 from cxr_triage.serve.auth import HSTS, access_for, add_token, tls_options
 from cxr_triage.serve.guard import ServiceLimits, uvicorn_options
-from tests.live_server import free_port
+from tests.ports import free_port
 
 
 def bearer(token: str) -> dict[str, str]:

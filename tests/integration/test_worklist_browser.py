@@ -2,56 +2,26 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cxr_triage.runtime.worklist import Worklist
 from cxr_triage.serve.app import create_app
-from tests.integration.test_browser import CHROMIUM_ARGS, TIMEOUT_MS, chromium_path
-from tests.unit.test_worklist import prediction
+from tests import chromium
+from tests.live_server import in_thread
+from tests.predictions import prediction
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+sync_api = chromium.sync_api()
 expect = sync_api.expect
 
 pytestmark = pytest.mark.browser
 
 
-def serve(store: Path | None) -> tuple[str, object, threading.Thread, socket.socket]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(store=store), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", srv, thread, sock
-
-
-def stop(srv: object, thread: threading.Thread, sock: socket.socket) -> None:
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    path = chromium_path()
-    if path is None:
-        pytest.skip("no chromium binary found (install Debian's `chromium` package)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+    with chromium.launched() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +32,12 @@ def page_with_worklist(browser, tmp_path_factory: pytest.TempPathFactory) -> Ite
     wl.record("1.2", "9.2", prediction("viral_pneumonia", p=0.8), accession_number="ACC-VIRAL")
     wl.record("1.3", "9.3", prediction("covid", p=0.97), accession_number="ACC-COVID")
     wl.close()
-    url, *server = serve(store)
-    page = browser.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    yield page
-    page.close()
-    stop(*server)
+    with in_thread(create_app(store=store)) as url:
+        page = browser.new_page()
+        page.set_default_timeout(chromium.TIMEOUT_MS)
+        page.goto(url)
+        yield page
+        page.close()
 
 
 def test_worklist_lists_most_urgent_first(page_with_worklist):
@@ -92,13 +61,12 @@ def test_worklist_follows_the_language(page_with_worklist):
 
 
 def test_no_worklist_no_section(browser):
-    url, *server = serve(None)
-    page = browser.new_page()
-    try:
-        page.goto(url)
-        page.wait_for_load_state("networkidle")
-        expect(page.get_by_test_id("worklist")).to_be_hidden()
-        expect(page.get_by_test_id("drop-zone")).to_be_visible()
-    finally:
-        page.close()
-        stop(*server)
+    with in_thread(create_app(store=None)) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url)
+            page.wait_for_load_state("networkidle")
+            expect(page.get_by_test_id("worklist")).to_be_hidden()
+            expect(page.get_by_test_id("drop-zone")).to_be_visible()
+        finally:
+            page.close()

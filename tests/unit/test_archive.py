@@ -35,36 +35,12 @@ from cxr_triage.runtime.formats import write_csv_rows
 from cxr_triage.runtime.predict import collect_inputs
 from cxr_triage.runtime.prediction import CSV_COLUMNS
 from cxr_triage.runtime.predictor import Predictor
+from tests.archive_rows import assert_same_rows, png_bytes
 from tests.conftest import class_image
 
 ray = pytest.importorskip("ray")
 archive = pytest.importorskip("cxr_triage.batch.archive")
 SAMPLES = Path(str(resources.files("cxr_triage") / "assets" / "samples"))
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _assert_same(rows: list[dict], expected: dict[str, dict]) -> None:
-    """Identical rows: same paths once each, labels, decisions, errors; probabilities to 1e-6."""
-    assert sorted(r["path"] for r in rows) == sorted(expected)
-    for r in rows:
-        e = expected[r["path"]]
-        assert (r["label"] or "", r["decision"], r["error"] or "") == (
-            e["label"] or "",
-            e["decision"],
-            e["error"] or "",
-        ), r["path"]
-        if e["decision"] != "error":
-            for c in CLASS_IDS:
-                assert abs(r[f"p_{c}"] - e[f"p_{c}"]) <= 1e-6
-            if e["confidence"] is None:  # rejected: no label, no confidence
-                assert r["confidence"] is None
-            else:
-                assert abs(r["confidence"] - e["confidence"]) <= 1e-6
 
 
 def test_store_resumes_from_shards_and_merges_in_order(tmp_path: Path):
@@ -111,7 +87,7 @@ def _row(path: str, label: str = "normal") -> dict:
 def test_an_out_this_tool_did_not_write_is_refused_and_left_alone(tmp_path: Path, name: str, text: str):
     out = tmp_path / name
     out.write_text(text)
-    (tmp_path / "a.png").write_bytes(_png(np.zeros((64, 64), np.uint8)))
+    (tmp_path / "a.png").write_bytes(png_bytes(np.zeros((64, 64), np.uint8)))
     with pytest.raises(NotAResultFile, match=r"not a result file of cxr-triage .*move it or pick another --out"):
         ResultStore(out).done_paths()
     with pytest.raises(archive.ArchiveError, match="not a result file"):
@@ -194,7 +170,7 @@ def test_score_archive_resumes_by_content_key_without_ray(tmp_path: Path, monkey
     assert scored[-1] == [str(folder / "1.png")]
     assert (second.scored, second.skipped, second.total, second.dropped) == (1, 2, 3, 2)
     expected = {s.prediction.path: s.prediction.csv_row() for s in engine.predict_files(collect_inputs([str(folder)]))}
-    _assert_same(read_results(out).to_pylist(), expected)
+    assert_same_rows(read_results(out).to_pylist(), expected)
     third = archive.score_archive([str(folder)], out)
     assert (third.scored, third.skipped, len(scored)) == (0, 3, 2)
 

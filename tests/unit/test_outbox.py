@@ -4,11 +4,9 @@ stand-in PACS on the network are in tests/integration/test_outbox_pacs.py."""
 
 from __future__ import annotations
 
-import io
 import sqlite3
 import time
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -17,22 +15,10 @@ pynetdicom = pytest.importorskip("pynetdicom", reason="the [dicom] extra is not 
 from cxr_triage.dicom.outbox import Outbox, RetryPolicy  # noqa: E402
 from cxr_triage.dicom.send import Delivery  # noqa: E402
 from cxr_triage.runtime.worklist import DB_NAME, Worklist, read_worklist  # noqa: E402
-from tests.unit.test_worklist import prediction  # noqa: E402
+from tests.dicom_samples import sr_bytes  # noqa: E402
+from tests.predictions import prediction  # noqa: E402
 
 FAST = RetryPolicy(first_delay=0.2, max_delay=0.8, give_up_after=60, timeout=5)
-
-
-def sr_bytes(uid: str = "1.2.3.4") -> bytes:
-    """A small Part-10 file standing in for a result."""
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.ComprehensiveSRStorage, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.9", "SR"
-    ds.PatientName = "Doe^Jane"
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 class Scripted:
