@@ -33,6 +33,19 @@ class Scripted:
         return [answer] * len(datasets)
 
 
+class Clock:
+    """Seconds since the epoch that move only when the test says (no sleeping, no dependence on the runner)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def queued(wl: Worklist, uid: str = "1.1", key: str = "") -> None:
     wl.record(uid, "9.9", prediction("covid"), "A1", [("SR", sr_bytes()), ("SC", sr_bytes("1.2.3.5"))], key)
 
@@ -51,16 +64,20 @@ def test_queued_results_are_retried_with_back_off_then_sent(tmp_path):
     queued(wl)
     down = Delivery(False, reason="could not associate with PACS (down, unreachable or aborted)")
     sender = Scripted(down, down, Delivery(True))
-    box = Outbox(wl, sender, FAST)
+    clock = Clock()
+    box = Outbox(wl, sender, FAST, clock=clock)
     assert box.deliver_due() == 2
     (entry,) = wl.entries()
     assert entry["results_status"] == "queued" and "could not associate" in entry["results_reason"]
-    assert entry["retry_at"] == pytest.approx(time.time() + 0.2, abs=0.15)
+    assert entry["retry_at"] == pytest.approx(clock.now + 0.2)
+    clock.advance(0.19)
     assert box.deliver_due() == 0  # not due yet
-    time.sleep(0.25)
+    clock.advance(0.02)
     assert box.deliver_due() == 2  # second failure: 0.4 s
-    assert wl.entries()[0]["retry_at"] == pytest.approx(time.time() + 0.4, abs=0.15)
-    time.sleep(0.45)
+    assert wl.entries()[0]["retry_at"] == pytest.approx(clock.now + 0.4)
+    clock.advance(0.39)
+    assert box.deliver_due() == 0
+    clock.advance(0.02)
     assert box.deliver_due() == 2
     (entry,) = wl.entries()
     assert entry["results_status"] == "sent" and entry["results_sent"] is True and entry["retry_at"] is None
@@ -73,9 +90,10 @@ def test_permanent_failure_is_shown_and_never_retried(tmp_path):
     wl = Worklist(tmp_path)
     queued(wl)
     sender = Scripted(Delivery(False, True, "PACS@h:1 answered Rejected Permanent: called AE title not recognised"))
-    box = Outbox(wl, sender, FAST)
+    clock = Clock()
+    box = Outbox(wl, sender, FAST, clock=clock)
     assert box.deliver_due() == 2
-    time.sleep(0.3)
+    clock.advance(3600)
     assert box.deliver_due() == 0 and sender.sent == 2
     (entry,) = wl.entries()
     assert entry["results_status"] == "failed" and entry["retry_at"] is None
@@ -84,10 +102,15 @@ def test_permanent_failure_is_shown_and_never_retried(tmp_path):
 
 def test_transient_failures_are_given_up_after_the_limit(tmp_path):
     wl = Worklist(tmp_path)
+    clock = Clock()  # before queueing: the clock never runs ahead of the real time the entry was queued at
     queued(wl)
-    box = Outbox(wl, Scripted(Delivery(False, reason="no answer")), RetryPolicy(0.05, 0.05, give_up_after=0.1))
+    policy = RetryPolicy(0.05, 0.05, give_up_after=0.1)
+    box = Outbox(wl, Scripted(Delivery(False, reason="no answer")), policy, clock=clock)
     box.deliver_due()
-    time.sleep(0.15)
+    clock.advance(0.06)
+    box.deliver_due()  # 0.06 s after queueing: still within the limit
+    assert wl.entries()[0]["results_status"] == "queued"
+    clock.advance(10)
     box.deliver_due()
     (entry,) = wl.entries()
     assert entry["results_status"] == "failed" and entry["results_reason"].startswith("gave up after")

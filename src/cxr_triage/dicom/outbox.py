@@ -10,6 +10,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pydicom
@@ -52,14 +53,23 @@ def as_dataset(item: Item) -> pydicom.Dataset | None:
 class Outbox:
     """Delivers the worklist's queued results through ``sender`` (``start()`` a thread, or ``deliver_due()``)."""
 
-    def __init__(self, worklist: Worklist, sender: Sender, policy: RetryPolicy | None = None, batch: int = 16):
+    def __init__(
+        self,
+        worklist: Worklist,
+        sender: Sender,
+        policy: RetryPolicy | None = None,
+        batch: int = 16,
+        clock: Callable[[], float] = time.time,
+    ):
+        """``clock``: the seconds since the epoch that decide what is due (a test's clock need not wait)."""
         self.worklist, self.sender, self.policy, self.batch = worklist, sender, policy or RetryPolicy(), batch
+        self.clock = clock
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
     def deliver_due(self) -> int:
         """One try of up to ``batch`` due results in one association; how many were tried."""
-        items = self.worklist.due(time.time(), self.batch)
+        items = self.worklist.due(self.clock(), self.batch)
         if not items:
             return 0
         parsed = [(item, as_dataset(item)) for item in items]
@@ -68,7 +78,7 @@ class Outbox:
                 self.worklist.settle(item.id, "failed", "the queued result cannot be read; send the image again")
         ready = [(item, ds) for item, ds in parsed if ds is not None]
         deliveries = self.sender.send([ds for _, ds in ready]) if ready else []
-        now = time.time()
+        now = self.clock()
         for (item, _), delivery in zip(ready, deliveries, strict=True):
             self.settle(item, delivery, now)
         return len(items)
@@ -113,7 +123,7 @@ class Outbox:
                 due = self.worklist.next_try()
             except Exception as exc:  # e.g. the database is locked or the disk full: try again later
                 log.warning("the outbox could not send (%s: %s)", type(exc).__name__, exc)
-                due = time.time() + self.policy.first_delay
-            wait = 60.0 if due is None else min(60.0, max(0.0, due - time.time()))
+                due = self.clock() + self.policy.first_delay
+            wait = 60.0 if due is None else min(60.0, max(0.0, due - self.clock()))
             self._wake.wait(wait)
             self._wake.clear()
