@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -235,6 +237,24 @@ def test_ood_check_reports_every_image(tiny_bundle: Path, monkeypatch: pytest.Mo
     above = [r for r in clear if r["ood_score"] > thr]
     assert above and all(r["rejected"] for r in above)
     assert any(r["rejected"] for r in res["images"] if r["name"] == "astronaut")  # a colour photo
+
+
+def test_ood_check_counts_only_rejections(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch):
+    """An uncertain (or accepted) answer on a non-chest image is not a rejection: only "rejected" counts toward the
+    OOD target. The decisions are set here, three kinds in turn, on the six generated images."""
+    engine = Predictor(tiny_bundle)
+    real, turn = engine.score, itertools.cycle(["rejected", "uncertain", "accept"])
+
+    def score(items):
+        scored = real(items)
+        return [SimpleNamespace(prediction=s.prediction.model_copy(update={"decision": next(turn)})) for s in scored]
+
+    monkeypatch.setattr(engine, "score", score)
+    monkeypatch.setitem(sys.modules, "skimage", None)  # the generated images only
+    res = ood_check(engine)
+    assert [r["decision"] for r in res["images"]] == ["rejected", "uncertain", "accept"] * 2
+    assert [r["rejected"] for r in res["images"]] == [True, False, False] * 2
+    assert res["rejected"] == 2 and res["rejected_fraction"] == pytest.approx(2 / 6) and not res["passed"]
 
 
 def _labels_folder(root: Path) -> Path:
