@@ -178,6 +178,15 @@ def test_decoded_bytes_budget_counts_bits_and_samples(monkeypatch: pytest.Monkey
         load_grey(encode(xray().astype(np.uint16) * 257, "PNG"))
 
 
+@pytest.mark.parametrize("value", [1e300, 2**31])
+def test_header_counts_out_of_the_is_range_are_refused_in_one_short_line(value: object):
+    """Found by the header fuzz with ten times the CI examples: NumberOfFrames = 1e300 came back as a 301-digit
+    number inside the error message. Counts over DICOM's IS limit are refused without echoing them."""
+    with pytest.raises(ImageReadError, match="DICOM NumberOfFrames is over 2,147,483,647, out of range") as info:
+        load_grey(make_dicom(xray(), NumberOfFrames=value))
+    assert len(str(info.value)) < 120 and info.value.kind == "corrupt"
+
+
 def test_large_dicom_frames_are_subsampled_before_the_luts(monkeypatch: pytest.MonkeyPatch):
     pixels = (xray(400, 320).astype(np.uint16) * 16).astype(np.uint16)
     data = make_dicom(pixels, WindowCenter=2000, WindowWidth=4000)

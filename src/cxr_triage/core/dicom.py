@@ -110,6 +110,9 @@ def read_header(data: bytes, max_inflated: int, label: str = "instance"):
     return header
 
 
+IS_MAX = 2**31 - 1  # the largest Integer String (IS) value DICOM allows
+
+
 def _count(ds, keyword: str, default: int) -> int:
     """A whole-number header value (Rows, NumberOfFrames...), or a sentence naming the bad tag."""
     value = getattr(ds, keyword, None)
@@ -121,6 +124,8 @@ def _count(ds, keyword: str, default: int) -> int:
         raise ImageReadError(f"DICOM {keyword} is not a whole number; export the image again", "corrupt") from None
     if number < 0:
         raise ImageReadError(f"DICOM {keyword} is negative; export the image again", "corrupt")
+    if number > IS_MAX:  # e.g. a float of 1e300 written as an integer string: never echoed back digit by digit
+        raise ImageReadError(f"DICOM {keyword} is over {IS_MAX:,}, out of range; export the image again", "corrupt")
     return number
 
 
