@@ -38,12 +38,17 @@ LIMITS = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=1.0, max
 PATIENT_LIMITS = NodeLimits(max_associations=10, acse_timeout=60.0, idle_timeout=60.0, max_instance_mb=2)
 
 
+def start_node(pacs: StandInPACS, limits: NodeLimits):
+    """A node on a free port with ``limits``, sending to ``pacs``; MODALITY on loopback may send. (port, server)"""
+    port = free_port()
+    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
+    return port, dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=limits)
+
+
 @pytest.fixture(scope="module")
 def node(pacs: StandInPACS) -> Iterator[int]:
     """10 associations, 1 s idle timeout, 2 MB instances; MODALITY on loopback may send."""
-    port = free_port()
-    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
-    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=LIMITS)
+    port, server = start_node(pacs, LIMITS)
     yield port
     server.shutdown()
 
@@ -75,9 +80,7 @@ def test_ten_bare_connections_do_not_lock_out_an_allowed_peer(node):
 def test_room_is_made_again_when_the_association_request_arrives(pacs, monkeypatch):
     """The accept-time check can run before the last bare connections are counted (their threads start later);
     the request-time check must still free a slot. Here the accept-time check is switched off to force that."""
-    port = free_port()
-    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
-    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=PATIENT_LIMITS)
+    port, server = start_node(pacs, PATIENT_LIMITS)
     try:
         sockets = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
         try:
@@ -99,9 +102,7 @@ def test_a_connection_whose_thread_has_not_started_is_counted(pacs, monkeypatch,
     """pynetdicom counts association threads; a bare connection accepted just before a peer's, whose thread starts
     between the node's check and pynetdicom's, would tip the count over the limit. The node counts accepted
     connections from the moment they are accepted: here the tenth bare connection's thread is held back."""
-    port = free_port()
-    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
-    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=PATIENT_LIMITS)
+    port, server = start_node(pacs, PATIENT_LIMITS)
     release, held = threading.Event(), threading.Event()
     real_finish, calls = server.finish_request, []
 
@@ -238,9 +239,7 @@ def test_slow_work_is_not_taken_for_an_idle_peer(pacs, monkeypatch):
     """The idle clock counts the peer's silence: an answer that took longer than idle_timeout keeps the association.
     (The peer then has idle_timeout to speak again; 2 s here, so that a busy runner does not decide the test.)"""
     limits = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=2.0, max_instance_mb=2)
-    port = free_port()
-    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
-    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=limits)
+    port, server = start_node(pacs, limits)
     predict = dicom_triage.NodeTriage.predict
 
     def slow(self, data: bytes, header=None):
@@ -269,9 +268,7 @@ def test_the_idle_clock_restarts_when_the_answer_is_sent(pacs, monkeypatch):
     request alike), so the next request arrives 1.1 × idle_timeout after the node last heard the peer, but 0.55 ×
     after the node's answer."""
     limits = NodeLimits(max_associations=10, acse_timeout=5.0, idle_timeout=3.0, max_instance_mb=2)
-    port = free_port()
-    access = Access.from_entries(NODE, ["MODALITY@127.0.0.1"])
-    server = dicom_node.start(NODE, port, f"PACS@127.0.0.1:{pacs.port}", access=access, limits=limits)
+    port, server = start_node(pacs, limits)
     send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
 
     def late(self, primitive, context_id):
